@@ -1,0 +1,96 @@
+"""Diffusion head: MAR-style MLP with adaptive LayerNorm, wrapped in EDM preconditioning (SPEC 2.5).
+
+`forward` is the raw network F(x_in, c_noise, z); `denoise` is the preconditioned denoiser
+D(x, t) = c_skip * x + c_out * F(c_in * x, ln(t) / 4, z) that the samplers call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from soundreactor.config import HeadConfig
+
+MAX_PERIOD = 10_000.0  # slowest frequency of the sinusoidal c_noise embedding
+LN_EPS = 1e-6
+
+
+def sinusoidal_embedding(c_noise: Tensor, dim: int) -> Tensor:
+    """[B] -> [B, dim]: cos and sin of c_noise at `dim // 2` geometrically spaced frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=c_noise.device) / half)
+    angles = c_noise.float()[:, None] * freqs[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class ResBlock(nn.Module):
+    """x + gate * MLP(adaLN(x)), with shift/scale/gate predicted from the condition."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=LN_EPS, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        shift, scale, gate = self.ada(cond).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=LN_EPS, elementwise_affine=False)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        shift, scale = self.ada(cond).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiffusionHead(nn.Module):
+    # Default PyTorch init everywhere (no zero-init of the output layers): random-weight tests then exercise
+    # the whole network instead of a trivial D = c_skip * x. Trained weights always come from a checkpoint.
+    def __init__(self, cfg: HeadConfig, latent_dim: int, cond_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.latent_dim, self.cond_dim = latent_dim, cond_dim
+        self.input_proj = nn.Linear(latent_dim, cfg.width)
+        self.cond_proj = nn.Linear(cond_dim, cfg.width)
+        self.time_mlp = nn.Sequential(
+            nn.Linear(cfg.freq_dim, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width)
+        )
+        self.blocks = nn.ModuleList(ResBlock(cfg.width) for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg.width, latent_dim)
+
+    def forward(self, x_in: Tensor, c_noise: Tensor, z: Tensor) -> Tensor:
+        """Raw network F: x_in [B, latent], c_noise [B], z [B, cond] -> [B, latent]."""
+        time = self.time_mlp(sinusoidal_embedding(c_noise, self.cfg.freq_dim).to(x_in.dtype))
+        cond = self.cond_proj(z) + time
+        x = self.input_proj(x_in)
+        for block in self.blocks:
+            x = block(x, cond)
+        return self.final(x, cond)
+
+    def denoise(self, x: Tensor, t: float | Tensor, z: Tensor) -> Tensor:
+        """EDM-preconditioned denoiser D(x, t) on head-space latents; t is a float or a tensor [B]."""
+        if x.dim() != 2 or x.shape[1] != self.latent_dim or z.shape != (x.shape[0], self.cond_dim):
+            raise ValueError(
+                f"expected x [B, {self.latent_dim}] and z [B, {self.cond_dim}], "
+                f"got {tuple(x.shape)} and {tuple(z.shape)}"
+            )
+        # new_full is a fill kernel (no host-to-device copy), so a float t stays CUDA-graph capturable
+        t = x.new_full((x.shape[0],), t) if not isinstance(t, Tensor) else t.to(x.dtype).expand(x.shape[0])
+        sigma_data = self.cfg.sigma_data
+        norm = (t**2 + sigma_data**2).sqrt()
+        c_skip = (sigma_data**2 / norm**2)[:, None]
+        c_out = (t * sigma_data / norm)[:, None]
+        c_in = (1 / norm)[:, None]
+        return c_skip * x + c_out * self(c_in * x, t.log() / 4, z)
