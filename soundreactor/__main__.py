@@ -1,0 +1,5 @@
+import sys
+
+from soundreactor.cli import main
+
+sys.exit(main())

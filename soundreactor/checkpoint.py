@@ -1,0 +1,103 @@
+"""Checkpoints: our single-file safetensors format, and readers for the official DINOv2 and VAE releases.
+
+Our format: one safetensors file with every tensor of `SoundReactor.state_dict()` and the model config as JSON in
+the metadata, so a file is self-describing. Official `.pth`/`.ckpt` files are read with
+`torch.load(weights_only=True)`: no pickled code ever runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from soundreactor.config import ModelConfig
+
+FORMAT = "soundreactor/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message says what is wrong and what to do."""
+
+
+def read_tensor_file(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a `.safetensors`, `.pth` or `.ckpt` file, flattened one level if they sit under `state_dict`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except SafetensorError as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds pickled objects beyond plain tensors, and we refuse to execute pickled code. "
+            f"Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as safetensors. ({err})"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable torch file: {err}") from err
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(raw).__name__})")
+    return {k: v for k, v in raw.items() if isinstance(v, Tensor)}
+
+
+def check_state_dict(expected: dict[str, Tensor], given: dict[str, Tensor], what: str) -> None:
+    """Raise one error naming every missing, unexpected and mis-shaped key."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    misshaped = [
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
+        for k in sorted(set(expected) & set(given))
+        if expected[k].shape != given[k].shape
+    ]
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{what} does not match the model:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            lines.append(f"  {title} keys: {shown}")
+    raise CheckpointError("\n".join(lines))
+
+
+def save_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, Tensor]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={"format": FORMAT, "config": config.to_json()})
+
+
+def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Config and tensors of a checkpoint written by `save_checkpoint` (keys are checked by the model loader)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (make one with `soundreactor init`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except SafetensorError as err:
+        raise CheckpointError(f"{path} is not a soundreactor checkpoint (safetensors): {err}") from err
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CheckpointError(
+            f"{path} lacks soundreactor metadata (format {metadata.get('format')!r}); "
+            f"build a checkpoint with `soundreactor init`"
+        )
+    return ModelConfig.from_json(metadata["config"]), tensors
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

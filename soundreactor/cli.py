@@ -1,0 +1,115 @@
+"""Command line: `soundreactor init | run | demo` (and the export/engine commands as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from soundreactor.config import PRESETS
+
+
+def _build_model(args: argparse.Namespace):
+    """SoundReactor from a checkpoint, sized for the video's frames, with the requested sampling."""
+    from soundreactor.media import probe_video
+    from soundreactor.model.soundreactor import SoundReactor
+
+    info = probe_video(args.video)
+    model = SoundReactor.load(args.checkpoint, input_hw=(info.height, info.width))
+    model.configure_sampling(nfe=args.nfe, guidance=args.guidance)
+    return model
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from soundreactor.model.soundreactor import init_model
+
+    model, notes = init_model(args.preset, seed=args.seed, dinov2=args.dinov2, vae=args.vae)
+    model.save(args.out)
+    for line in notes:
+        print(line)
+    print(f"wrote {args.out} ({args.preset} preset)")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from soundreactor.media import mux
+    from soundreactor.pipeline import video_to_wav
+    from soundreactor.runtime.session import Session
+    from soundreactor.runtime.torch_backend import TorchStreams
+
+    model = _build_model(args)
+    session = Session(TorchStreams(model, seed=args.seed, device=args.device))
+    report = video_to_wav(session, args.video, args.out)
+    print(f"wrote {args.out}")
+    if args.mux:
+        mux(args.video, args.out, args.mux)
+        print(f"wrote {args.mux}")
+    print(report.summary())
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from soundreactor.demo_video import make_demo_video
+    from soundreactor.media import mux
+    from soundreactor.model.soundreactor import init_model
+    from soundreactor.pipeline import video_to_wav
+    from soundreactor.runtime.session import Session
+    from soundreactor.runtime.torch_backend import TorchStreams
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    video = out / "demo_input.mp4"
+    make_demo_video(video, seconds=args.seconds, size=(240, 426), seed=args.seed)
+    print(f"wrote {video} (bouncing, colliding shapes, {args.seconds:g} s at 30 fps)")
+    model, _ = init_model("tiny", seed=args.seed, input_hw=(240, 426))
+    model.configure_sampling(nfe=args.nfe)
+    session = Session(TorchStreams(model, seed=args.seed))
+    report = video_to_wav(session, video, out / "demo.wav")
+    mux(video, out / "demo.wav", out / "demo.mp4")
+    print(f"wrote {out / 'demo.wav'} and {out / 'demo.mp4'} (tiny preset, random weights, seed {args.seed})")
+    print(report.summary())
+    print(f"demo finished in {time.perf_counter() - start:.1f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="soundreactor", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser(
+        "init", help="build a checkpoint: official DINOv2/VAE weights where given, seeded rest"
+    )
+    init.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    init.add_argument("--dinov2", help="official dinov2_vits14_reg4_pretrain.pth")
+    init.add_argument("--vae", help="official sr_causal_ds_1600_dim_64.ckpt (or .safetensors)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", required=True)
+    init.set_defaults(func=cmd_init)
+
+    run = sub.add_parser("run", help="generate audio for a video, frame by frame")
+    run.add_argument("--video", required=True)
+    run.add_argument("--checkpoint", required=True)
+    run.add_argument("--out", required=True, help="output WAV (48 kHz stereo)")
+    run.add_argument("--mux", help="also write a copy of the video with the audio muxed in")
+    run.add_argument("--nfe", type=int, choices=(1, 2, 4))
+    run.add_argument("--guidance", type=float)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="cpu")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="the main job on a built-in default: no downloads, no GPU")
+    demo.add_argument("--out-dir", default="out/demo")
+    demo.add_argument("--seconds", type=float, default=4.0)
+    demo.add_argument("--nfe", type=int, choices=(1, 2, 4), default=4)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

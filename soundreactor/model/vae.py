@@ -1,0 +1,319 @@
+"""Causal Oobleck audio VAE (`sr_ds_1600_dim_64_causal`): offline codec, streaming decoder, official weights.
+
+Module names follow the official stable-audio-tools / SoundReactor code, so a checkpoint loads after
+`vae_state_from_official` folds its legacy weight norm into plain `weight` tensors.
+
+Causality: a conv pads `(k-1)*dilation + 1 - stride` zeros on the left; a transposed conv trims its last
+`k - stride` samples. The streaming decoder replaces the padding with each conv's input history and turns
+the trim into a pending overlap-add tail, so frame by frame it reproduces the offline decoder with zero
+look-ahead. Its `step` is purely functional over an explicit list of state tensors (static shapes, no
+value-dependent branches), which is what ONNX export and CUDA-graph capture need.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from soundreactor.config import VAEConfig
+
+log = logging.getLogger(__name__)
+
+DILATIONS = (1, 3, 9)
+
+
+class SnakeBeta(nn.Module):
+    """y = x + sin(exp(alpha) x)^2 / (exp(beta) + 1e-9), per channel, log-scale parameters."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        alpha = self.alpha.exp()[:, None].to(x.dtype)
+        inv_beta = torch.reciprocal(self.beta.exp() + 1e-9)[:, None].to(x.dtype)
+        return x + inv_beta * torch.sin(alpha * x) ** 2
+
+    def stream(self, x: Tensor, states: Iterator[Tensor], new_states: list[Tensor]) -> Tensor:
+        return self(x)
+
+
+class CausalConv1d(nn.Conv1d):
+    """Conv1d with left zero padding; streaming keeps the last `history` input frames instead."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, **kwargs: Any):
+        super().__init__(in_channels, out_channels, kernel_size, padding=0, **kwargs)
+
+    @property
+    def history(self) -> int:
+        return (self.kernel_size[0] - 1) * self.dilation[0] + 1 - self.stride[0]
+
+    def state_shape(self, batch: int) -> tuple[int, int, int] | None:
+        return (batch, self.in_channels, self.history) if self.history else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (self.history, 0)))
+
+    def stream(self, x: Tensor, states: Iterator[Tensor], new_states: list[Tensor]) -> Tensor:
+        if not self.history:
+            return super().forward(x)
+        x = torch.cat([next(states), x], dim=-1)
+        new_states.append(x[..., -self.history :])
+        return super().forward(x)
+
+
+class CausalConvTranspose1d(nn.ConvTranspose1d):
+    """ConvTranspose1d trimmed by `k - stride` on the right; streaming carries them as a pending tail."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride)
+
+    @property
+    def tail(self) -> int:
+        return self.kernel_size[0] - self.stride[0]
+
+    def state_shape(self, batch: int) -> tuple[int, int, int] | None:
+        return (batch, self.out_channels, self.tail) if self.tail else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)[..., : x.shape[-1] * self.stride[0]]
+
+    def stream(self, x: Tensor, states: Iterator[Tensor], new_states: list[Tensor]) -> Tensor:
+        # The tail carries bias-free partial sums, so the bias is added exactly once per output sample.
+        y = F.conv_transpose1d(x, self.weight, None, self.stride)
+        length = x.shape[-1] * self.stride[0]
+        if self.tail:
+            new_states.append(y[..., length:])
+            y = y[..., :length] + F.pad(next(states), (0, length - self.tail))
+        return y + self.bias[:, None]
+
+
+class Stage(nn.Module):
+    """A `layers` Sequential run in order, offline or streaming (the official nesting of every block)."""
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+    def stream(self, x: Tensor, states: Iterator[Tensor], new_states: list[Tensor]) -> Tensor:
+        for layer in self.layers:
+            x = layer.stream(x, states, new_states)
+        return x
+
+
+class ResidualUnit(Stage):
+    def __init__(self, channels: int, dilation: int):
+        super().__init__(
+            SnakeBeta(channels),
+            CausalConv1d(channels, channels, 7, dilation=dilation),
+            SnakeBeta(channels),
+            CausalConv1d(channels, channels, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.layers(x)
+
+    def stream(self, x: Tensor, states: Iterator[Tensor], new_states: list[Tensor]) -> Tensor:
+        return x + super().stream(x, states, new_states)
+
+
+def encoder_block(in_channels: int, out_channels: int, stride: int) -> Stage:
+    return Stage(
+        *(ResidualUnit(in_channels, d) for d in DILATIONS),
+        SnakeBeta(in_channels),
+        CausalConv1d(in_channels, out_channels, 2 * stride, stride=stride),
+    )
+
+
+def decoder_block(in_channels: int, out_channels: int, stride: int) -> Stage:
+    return Stage(
+        SnakeBeta(in_channels),
+        CausalConvTranspose1d(in_channels, out_channels, 2 * stride, stride),
+        *(ResidualUnit(out_channels, d) for d in DILATIONS),
+    )
+
+
+def _widths(cfg: VAEConfig) -> list[int]:
+    return [cfg.channels * m for m in (1, *cfg.channel_mults)]
+
+
+class OobleckEncoder(Stage):
+    """Audio [B, 2, T] -> mean and log-variance [B, 2*latent, T/hop]."""
+
+    def __init__(self, cfg: VAEConfig):
+        widths = _widths(cfg)
+        super().__init__(
+            CausalConv1d(cfg.audio_channels, widths[0], 7),
+            *(encoder_block(widths[i], widths[i + 1], s) for i, s in enumerate(cfg.strides)),
+            SnakeBeta(widths[-1]),
+            CausalConv1d(widths[-1], 2 * cfg.latent_dim, 3),
+        )
+
+
+class OobleckDecoder(Stage):
+    """Latents [B, latent, N] -> audio [B, 2, N*hop]; `step` decodes one latent frame from explicit state."""
+
+    def __init__(self, cfg: VAEConfig):
+        widths = _widths(cfg)
+        super().__init__(
+            CausalConv1d(cfg.latent_dim, widths[-1], 7),
+            *(
+                decoder_block(widths[i + 1], widths[i], cfg.strides[i])
+                for i in reversed(range(len(cfg.strides)))
+            ),
+            SnakeBeta(widths[0]),
+            CausalConv1d(widths[0], cfg.audio_channels, 7, bias=False),
+        )
+        self.latent_dim = cfg.latent_dim
+        self.n_states = len(self.state_shapes(1))
+
+    def state_shapes(self, batch: int) -> list[tuple[int, int, int]]:
+        """One shape per conv with input history and per transposed conv with a tail, in `step` order."""
+        convs = (m for m in self.modules() if isinstance(m, CausalConv1d | CausalConvTranspose1d))
+        shapes = (m.state_shape(batch) for m in convs)
+        return [s for s in shapes if s is not None]
+
+    def state_size(self) -> int:
+        """Floats of streaming state per stream (173,696 for the paper config)."""
+        return sum(c * t for _, c, t in self.state_shapes(1))
+
+    def init_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> list[Tensor]:
+        """Zero state: the same as the offline decoder's zero padding before the first frame."""
+        return [torch.zeros(s, device=device, dtype=dtype) for s in self.state_shapes(batch)]
+
+    def step(self, latent: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Decode one frame: latent [B, latent] -> audio [B, 2, hop] and the new state (inputs untouched)."""
+        if latent.dim() != 2 or latent.shape[1] != self.latent_dim:
+            raise ValueError(f"latent must be [batch, {self.latent_dim}], got {list(latent.shape)}")
+        if len(state) != self.n_states:
+            raise ValueError(f"state must be the {self.n_states} tensors of init_state, got {len(state)}")
+        new_state: list[Tensor] = []
+        audio = self.stream(latent[:, :, None], iter(state), new_state)
+        return audio, new_state
+
+
+class AudioVAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = OobleckEncoder(cfg)
+        self.decoder = OobleckDecoder(cfg)
+
+    def encode(self, audio: Tensor) -> Tensor:
+        """Audio [B, 2, T] with T a multiple of hop -> latent mean [B, latent, T/hop]."""
+        cfg = self.cfg
+        if audio.dim() != 3 or audio.shape[1] != cfg.audio_channels or audio.shape[-1] % cfg.hop:
+            raise ValueError(
+                f"audio must be [batch, {cfg.audio_channels}, T] with T a multiple of {cfg.hop}, "
+                f"got {list(audio.shape)}; pad or trim the end to whole frames"
+            )
+        # The second half is the log-variance, only used to sample in training.
+        return self.encoder(audio)[:, : cfg.latent_dim]
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents [B, latent, N] -> audio [B, 2, N*hop], causal offline decoding."""
+        if latents.dim() != 3 or latents.shape[1] != self.cfg.latent_dim:
+            raise ValueError(
+                f"latents must be [batch, {self.cfg.latent_dim}, frames], got {list(latents.shape)}"
+            )
+        return self.decoder(latents)
+
+
+def fold_weight_norm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Replace legacy `X.weight_g` / `X.weight_v` pairs by `X.weight = g * v / ||v||`.
+
+    The norm runs over every dim where g has size 1, as torch's legacy `weight_norm` does (dim=0 by default,
+    also for ConvTranspose1d, whose dim 0 is the input channel: g [in, 1, 1]).
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith(".weight_v"):
+            continue
+        if not key.endswith(".weight_g"):
+            out[key] = value
+            continue
+        base = key[: -len("_g")]
+        v = state_dict.get(base + "_v")
+        if v is None:
+            raise ValueError(f"{key} has no matching {base}_v; the weight-norm pair is incomplete")
+        g = value
+        if g.dim() != v.dim() or any(gs not in (1, vs) for gs, vs in zip(g.shape, v.shape, strict=True)):
+            raise ValueError(f"{key} shape {list(g.shape)} does not fit {base}_v shape {list(v.shape)}")
+        dims = [d for d in range(v.dim()) if g.shape[d] == 1]
+        v32 = v.float()
+        out[base] = (v32 * (g.float() / torch.linalg.vector_norm(v32, dim=dims, keepdim=True))).to(v.dtype)
+    orphans = [k for k in state_dict if k.endswith(".weight_v") and k[: -len("_v")] + "_g" not in state_dict]
+    if orphans:
+        raise ValueError(f"weight_v without weight_g: {orphans[:8]}; the weight-norm pairs are incomplete")
+    return out
+
+
+def _find_prefix(keys: list[str]) -> str:
+    prefixes = set()
+    for key in keys:
+        parts = key.split(".")
+        for i in range(len(parts) - 1):
+            if parts[i] in ("encoder", "decoder") and parts[i + 1] == "layers":
+                prefixes.add("".join(p + "." for p in parts[:i]))
+                break
+    if not prefixes:
+        raise ValueError(
+            "no `encoder.layers.*` / `decoder.layers.*` keys found; is this an Oobleck VAE file?"
+        )
+    if len(prefixes) > 1:
+        raise ValueError(f"several VAE key prefixes {sorted(prefixes)}; pass prefix= to choose one")
+    return prefixes.pop()
+
+
+def _listing(keys: list[str]) -> str:
+    return f"{len(keys)} ({', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''})"
+
+
+def vae_state_from_official(
+    raw: Mapping[str, Any], cfg: VAEConfig | None = None, prefix: str | None = None
+) -> tuple[dict[str, Tensor], str]:
+    """Official checkpoint dict -> (state dict for `AudioVAE(cfg)`, the key prefix that was stripped).
+
+    Accepts a nested `state_dict` entry, strips a prefix such as `autoencoder.` (found automatically unless
+    given), drops keys outside encoder/decoder (logged), folds weight norm, and checks every key and shape.
+    """
+    cfg = cfg or VAEConfig()
+    if isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]
+    if prefix is None:
+        prefix = _find_prefix(list(raw))
+    ours = (prefix + "encoder.", prefix + "decoder.")
+    state = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(ours)}
+    dropped = [k for k in raw if not k.startswith(ours)]
+    if dropped:
+        log.info("VAE checkpoint: dropped %s keys outside encoder/decoder", _listing(dropped))
+    state = fold_weight_norm(state)
+
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in AudioVAE(cfg).state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [
+        f"{k} {list(state[k].shape)} != {list(expected[k])}"
+        for k in expected
+        if k in state and state[k].shape != expected[k]
+    ]
+    if missing or unexpected or misshaped:
+        problems = [
+            f"{name}: {_listing(keys)}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+            if keys
+        ]
+        raise ValueError(
+            f"checkpoint (prefix {prefix!r}) does not fit AudioVAE({cfg}): " + "; ".join(problems)
+        )
+    return state, prefix

@@ -1,0 +1,270 @@
+"""Causal Oobleck VAE: official key layout, weight-norm folding, checkpoint loading, streaming == offline."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from soundreactor.config import paper, tiny
+from soundreactor.model.vae import (
+    AudioVAE,
+    CausalConv1d,
+    CausalConvTranspose1d,
+    SnakeBeta,
+    fold_weight_norm,
+    vae_state_from_official,
+)
+
+HOP = 1600
+
+
+@pytest.fixture(scope="module")
+def paper_vae() -> AudioVAE:
+    with torch.device("meta"):
+        return AudioVAE(paper().vae)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae() -> AudioVAE:
+    torch.manual_seed(0)
+    vae = AudioVAE(tiny().vae).eval()
+    with torch.no_grad():  # non-trivial snake parameters, so a wrong exp/log would show
+        for m in vae.modules():
+            if isinstance(m, SnakeBeta):
+                m.alpha.normal_(0, 0.3)
+                m.beta.normal_(0, 0.3)
+    return vae
+
+
+def test_paper_key_layout_matches_official(paper_vae):
+    shapes = {k: list(v.shape) for k, v in paper_vae.state_dict().items()}
+    # Official keys (SPEC 2.3) with weight_g/weight_v folded into weight.
+    assert shapes["decoder.layers.0.weight"] == [2048, 64, 7]
+    assert shapes["decoder.layers.1.layers.0.alpha"] == [2048]
+    assert shapes["decoder.layers.1.layers.1.weight"] == [2048, 1024, 16]  # ConvTranspose [in, out, 2*8]
+    assert shapes["decoder.layers.5.layers.1.weight"] == [128, 128, 4]
+    assert shapes["decoder.layers.5.layers.4.layers.1.weight"] == [128, 128, 7]  # dilation-9 unit
+    assert shapes["decoder.layers.7.weight"] == [2, 128, 7]
+    assert "decoder.layers.7.bias" not in shapes
+    assert shapes["encoder.layers.5.layers.4.weight"] == [2048, 1024, 16]  # 1024->2048, stride 8
+    assert shapes["encoder.layers.7.weight"] == [128, 2048, 3]  # mean and log-variance
+    assert paper_vae.decoder.layers[3].layers[4].layers[1].dilation == (9,)
+
+
+def test_paper_decoder_size_and_cost(paper_vae):
+    # SPEC 2.3: about 75M parameters and 1.95 GMAC per latent frame.
+    params = sum(p.numel() for p in paper_vae.decoder.parameters())
+    assert 74e6 < params < 76e6, params
+    macs, rate = 0, 1  # rate: samples per latent frame at the current depth
+    for m in paper_vae.decoder.modules():
+        if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
+            macs += rate * m.weight.numel()
+        if isinstance(m, CausalConvTranspose1d):
+            rate *= m.stride[0]
+    assert rate == HOP
+    assert abs(macs / 1e9 - 1.95) < 0.01, macs
+
+
+def test_paper_streaming_state_size(paper_vae):
+    decoder = paper_vae.decoder
+    assert decoder.state_size() == 173_696  # SPEC 2.3
+    shapes = decoder.state_shapes(3)
+    assert shapes[0] == (3, 64, 6)  # first conv k7 history
+    assert shapes[1] == (3, 1024, 8)  # first transposed conv tail: k - stride = 8
+    assert shapes[2] == (3, 1024, 6)  # dilation 1 unit: (7-1)*1
+    assert shapes[3] == (3, 1024, 18)
+    assert shapes[-1] == (3, 128, 6)
+    assert len(shapes) == 22 == decoder.n_states
+
+
+def test_snake_beta_log_scale(tiny_vae):
+    snake = copy.deepcopy(tiny_vae.decoder.layers[6]).double()
+    x = torch.randn(2, snake.alpha.numel(), 5, dtype=torch.float64)
+    a = snake.alpha.detach().numpy()[:, None]
+    b = snake.beta.detach().numpy()[:, None]
+    ref = x.numpy() + np.sin(np.exp(a) * x.numpy()) ** 2 / (np.exp(b) + 1e-9)  # SPEC 2.3
+    with torch.no_grad():
+        np.testing.assert_allclose(snake(x).numpy(), ref, atol=1e-12)
+
+
+def _reference_conv(x, w, b, stride, dilation):
+    """Direct definition of the causal conv in loops: inputs before the start are zero."""
+    k = w.shape[-1]
+    pad = (k - 1) * dilation + 1 - stride
+    length = x.shape[-1] // stride
+    y = np.zeros((w.shape[0], length))
+    for t in range(length):
+        for m in range(k):
+            src = t * stride - pad + m * dilation
+            if src >= 0:  # causal: before the start is zero
+                y[:, t] += w[:, :, m] @ x[:, src]
+    return y + (b[:, None] if b is not None else 0)
+
+
+def _reference_conv_transpose(x, w, b, stride):
+    """Scatter definition of the transposed conv, keeping the first len*stride samples."""
+    k = w.shape[-1]
+    y = np.zeros((w.shape[1], x.shape[-1] * stride + k))
+    for j in range(x.shape[-1]):
+        for m in range(k):
+            y[:, j * stride + m] += w[:, :, m].T @ x[:, j]
+    return y[:, : x.shape[-1] * stride] + b[:, None]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation", "bias"),
+    [(7, 1, 3, True), (7, 1, 1, False), (10, 5, 1, True), (3, 1, 1, True)],
+)
+def test_causal_conv_against_direct_definition(kernel, stride, dilation, bias):
+    torch.manual_seed(1)
+    conv = CausalConv1d(3, 4, kernel, stride=stride, dilation=dilation, bias=bias).double()
+    x = torch.randn(1, 3, 40, dtype=torch.float64)
+    ref = _reference_conv(
+        x[0].numpy(),
+        conv.weight.detach().numpy(),
+        conv.bias.detach().numpy() if bias else None,
+        stride,
+        dilation,
+    )
+    np.testing.assert_allclose(conv(x)[0].detach().numpy(), ref, atol=1e-12)
+
+
+def test_causal_conv_transpose_against_direct_definition():
+    torch.manual_seed(2)
+    conv = CausalConvTranspose1d(3, 4, 10, 5).double()
+    x = torch.randn(1, 3, 9, dtype=torch.float64)
+    ref = _reference_conv_transpose(x[0].numpy(), conv.weight.detach().numpy(), conv.bias.detach().numpy(), 5)
+    np.testing.assert_allclose(conv(x)[0].detach().numpy(), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("module", "dim"),
+    [(nn.Conv1d(6, 5, 7), 0), (nn.ConvTranspose1d(8, 4, 10, stride=5), 0), (nn.Conv1d(6, 5, 3), 1)],
+)
+def test_fold_weight_norm_matches_torch(module, dim):
+    torch.manual_seed(3)
+    wn = torch.nn.utils.weight_norm(module, dim=dim)
+    state = {k: torch.randn_like(v) for k, v in wn.state_dict().items()}
+    state["weight_g"] = state["weight_g"].abs() + 0.1
+    wn.load_state_dict(state)
+    wn(torch.zeros(1, module.in_channels, 8))  # legacy weight norm recomputes `weight` in a pre-forward hook
+    if isinstance(module, nn.ConvTranspose1d):
+        assert list(state["weight_g"].shape) == [8, 1, 1]  # dim 0 is the input channel here too
+    folded = fold_weight_norm({"conv." + k: v for k, v in state.items()})
+    assert sorted(folded) == ["conv.bias", "conv.weight"]
+    torch.testing.assert_close(folded["conv.weight"], wn.weight.detach(), atol=1e-6, rtol=1e-5)
+
+
+def _official_state(vae: AudioVAE, prefix: str) -> dict:
+    """The official layout: every conv under torch's legacy weight norm, v rescaled (same weight)."""
+    official = copy.deepcopy(vae)
+    for m in official.modules():
+        if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
+            torch.nn.utils.weight_norm(m)
+    state = official.state_dict()
+    for k in state:
+        if k.endswith("weight_v"):
+            state[k] = state[k] * (1 + torch.rand(()))
+    return {
+        "state_dict": {prefix + k: v for k, v in state.items()} | {"discriminator.conv.weight": torch.ones(2)}
+    }
+
+
+@pytest.mark.parametrize("prefix", ["", "autoencoder.", "model.", "pretransform.model."])
+def test_official_checkpoint_loads_with_prefix(tiny_vae, prefix):
+    raw = _official_state(tiny_vae, prefix)
+    assert f"{prefix}decoder.layers.1.layers.1.weight_g" in raw["state_dict"]
+    state, stripped = vae_state_from_official(raw, tiny().vae)
+    assert stripped == prefix
+    loaded = AudioVAE(tiny().vae).eval()
+    loaded.load_state_dict(state)
+    z = torch.randn(1, 64, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decode(z), tiny_vae.decode(z), atol=1e-5, rtol=1e-4)
+
+
+def test_loader_rejects_bad_checkpoints(tiny_vae):
+    cfg = tiny().vae
+    good = _official_state(tiny_vae, "autoencoder.")["state_dict"]
+
+    missing = {k: v for k, v in good.items() if not k.startswith("autoencoder.decoder.layers.7.")}
+    with pytest.raises(ValueError, match=r"missing: 1 \(decoder\.layers\.7\.weight\)"):
+        vae_state_from_official(missing, cfg)
+
+    misshaped = good | {"autoencoder.decoder.layers.0.bias": torch.zeros(5)}
+    with pytest.raises(ValueError, match=r"mis-shaped: 1 \(decoder\.layers\.0\.bias \[5\] != \[64\]\)"):
+        vae_state_from_official(misshaped, cfg)
+
+    unexpected = good | {"autoencoder.decoder.layers.9.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=r"unexpected: 1 \(decoder\.layers\.9\.weight\)"):
+        vae_state_from_official(unexpected, cfg)
+
+    with pytest.raises(ValueError, match="does not fit"):  # paper shapes against a tiny file
+        vae_state_from_official(good, paper().vae)
+
+    ema = good | {"ema." + k: v for k, v in good.items()}
+    with pytest.raises(ValueError, match="pass prefix="):
+        vae_state_from_official(ema, cfg)
+    assert vae_state_from_official(ema, cfg, prefix="ema.autoencoder.")[1] == "ema.autoencoder."
+
+    with pytest.raises(ValueError, match=r"no `encoder\.layers"):
+        vae_state_from_official({"model.weight": torch.zeros(1)}, cfg)
+
+    with pytest.raises(ValueError, match="no matching"):
+        fold_weight_norm({"conv.weight_g": torch.ones(2, 1, 1)})
+    with pytest.raises(ValueError, match="does not fit"):
+        fold_weight_norm({"conv.weight_g": torch.ones(3, 1, 1), "conv.weight_v": torch.ones(2, 4, 1)})
+    with pytest.raises(ValueError, match="without weight_g"):
+        fold_weight_norm({"conv.weight_v": torch.ones(2, 1, 1)})
+
+
+def test_streaming_matches_offline_and_is_pure(tiny_vae):
+    torch.manual_seed(4)
+    decoder, frames = tiny_vae.decoder, 12
+    z = torch.randn(2, 64, frames)
+    with torch.no_grad():
+        offline = tiny_vae.decode(z)
+        state = decoder.init_state(2, "cpu", torch.float32)
+        assert [tuple(s.shape) for s in state] == decoder.state_shapes(2)
+        chunks = []
+        for i in range(frames):
+            before = [s.clone() for s in state]
+            audio, new_state = decoder.step(z[:, :, i], state)
+            assert all(torch.equal(a, b) for a, b in zip(before, state, strict=True))  # inputs untouched
+            assert [s.shape for s in new_state] == [s.shape for s in state]
+            chunks.append(audio)
+            state = new_state
+    assert offline.shape == (2, 2, frames * HOP)
+    assert offline.abs().max() > 0.05  # a silent decoder would make the comparison vacuous
+    torch.testing.assert_close(torch.cat(chunks, -1), offline, atol=1e-5, rtol=0)
+
+
+def test_zero_lookahead(tiny_vae):
+    torch.manual_seed(5)
+    z = torch.randn(1, 64, 8)
+    changed = z.clone()
+    changed[:, :, 5:] = torch.randn(1, 64, 3)
+    with torch.no_grad():
+        a, b = tiny_vae.decode(z), tiny_vae.decode(changed)
+    # Frames 0..4 must not see frames 5..7 (1e-6: float noise only); frame 5 itself must change.
+    torch.testing.assert_close(a[..., : 5 * HOP], b[..., : 5 * HOP], atol=1e-6, rtol=0)
+    assert (a[..., 5 * HOP : 6 * HOP] - b[..., 5 * HOP : 6 * HOP]).abs().max() > 1e-3
+
+
+def test_encode_shapes_and_errors(tiny_vae):
+    with torch.no_grad():
+        latents = tiny_vae.encode(torch.randn(2, 2, 3 * HOP))
+    assert latents.shape == (2, 64, 3)
+    with pytest.raises(ValueError, match="multiple of 1600"):
+        tiny_vae.encode(torch.randn(1, 2, HOP + 1))
+    with pytest.raises(ValueError, match=r"\[batch, 2, T\]"):
+        tiny_vae.encode(torch.randn(1, 1, HOP))
+    with pytest.raises(ValueError, match=r"\[batch, 64, frames\]"):
+        tiny_vae.decode(torch.randn(1, 32, 2))
+    state = tiny_vae.decoder.init_state(1, "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"\[batch, 64\]"):
+        tiny_vae.decoder.step(torch.randn(1, 64, 1), state)
+    with pytest.raises(ValueError, match="22 tensors of init_state"):
+        tiny_vae.decoder.step(torch.randn(1, 64), state[:-1])
