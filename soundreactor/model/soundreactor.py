@@ -87,7 +87,7 @@ def init_model(
         model.vision.dinov2.load_state_dict(tensors)
         notes.append(f"DINOv2: {len(tensors)} tensors from {dinov2}")
     if vae is not None:
-        tensors, prefix = vae_state_from_official(read_tensor_file(vae))
+        tensors, prefix = vae_state_from_official(read_tensor_file(vae), config.vae)
         model.vae.load_state_dict(tensors)
         where = f" (key prefix {prefix!r} stripped)" if prefix else ""
         notes.append(f"VAE: {len(tensors)} tensors from {vae}{where}, weight norm folded")

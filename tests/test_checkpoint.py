@@ -1,0 +1,140 @@
+"""Our checkpoint format, official-weight readers, and the errors a user sees for wrong files."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from soundreactor.checkpoint import CheckpointError, read_tensor_file
+from soundreactor.config import ModelConfig, paper, preset, tiny
+from soundreactor.model.dinov2 import DinoV2
+from soundreactor.model.soundreactor import SoundReactor, init_model
+from soundreactor.model.vae import AudioVAE
+
+
+@pytest.mark.parametrize("make", [paper, tiny])
+def test_config_json_round_trip(make):
+    config = make().replace(sampler={"nfe": 2, "guidance": 1.5})
+    assert ModelConfig.from_json(config.to_json()) == config
+
+
+def test_unknown_preset_and_bad_sampler():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset("huge")
+    with pytest.raises(ValueError, match="no consistency step times for nfe=3"):
+        tiny().replace(sampler={"nfe": 3})
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model, _ = init_model("tiny", seed=1)
+    model.configure_sampling(nfe=2)
+    path = tmp_path / "tiny.safetensors"
+    model.save(path)
+    loaded = SoundReactor.load(path)
+    assert loaded.config == model.config
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # computed buffers (resize matrices, RoPE tables, interpolated position embedding) are rebuilt identically
+    frame = torch.randint(0, 256, (1, *model.input_hw, 3), dtype=torch.uint8)
+    grid = torch.zeros(1, *model.config.grid_hw, model.config.dinov2.dim)
+    with torch.no_grad():
+        assert torch.equal(
+            model.vision(frame, grid, torch.tensor([False]))[0],
+            loaded.vision(frame, grid, torch.tensor([False]))[0],
+        )
+
+
+def test_checkpoint_key_errors_name_every_problem(tmp_path):
+    model, _ = init_model("tiny", seed=1)
+    state = dict(model.state_dict())
+    del state["head.input_proj.weight"]
+    state["transformer.norm.weight"] = torch.zeros(3)
+    state["transformer.extra"] = torch.zeros(1)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path), metadata={"format": "soundreactor/1", "config": model.config.to_json()})
+    with pytest.raises(CheckpointError) as err:
+        SoundReactor.load(path)
+    message = str(err.value)
+    assert "missing keys: head.input_proj.weight" in message
+    assert "unexpected keys: transformer.extra" in message
+    assert "transformer.norm.weight: expected (64,), got (3,)" in message
+
+
+def test_foreign_and_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="soundreactor init"):
+        SoundReactor.load(tmp_path / "nope.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(plain))
+    with pytest.raises(CheckpointError, match="lacks soundreactor metadata"):
+        SoundReactor.load(plain)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a soundreactor checkpoint"):
+        SoundReactor.load(garbage)
+
+
+class Payload:
+    """Stands for any pickled object whose loading would run code."""
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"weights": torch.zeros(1), "meta": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refuse to execute pickled code"):
+        read_tensor_file(path)
+
+
+def test_official_dinov2_file_loads_unchanged(tmp_path):
+    """A .pth with exactly the official 176 keys loads into the paper preset through `init`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        official = DinoV2(paper().dinov2, (37, 37)).state_dict()
+    assert len(official) == 176
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(official, path)
+    model, notes = init_model("paper", dinov2=path)
+    loaded = model.vision.dinov2.state_dict()
+    assert all(torch.equal(loaded[k], official[k]) for k in official)
+    assert any("DINOv2: 176 tensors" in line for line in notes)
+
+
+def test_dinov2_file_for_another_size_is_refused(tmp_path):
+    path = tmp_path / "dino.pth"
+    torch.save(DinoV2(paper().dinov2, (37, 37)).state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys: blocks\.0\.attn\.proj\.bias"):
+        init_model("tiny", dinov2=path)
+
+
+def test_official_vae_checkpoint_with_prefix_and_weight_norm(tmp_path):
+    """Legacy weight-norm keys under `autoencoder.` inside `state_dict`, as the released .ckpt stores them."""
+    cfg = tiny().vae
+    reference = AudioVAE(cfg)
+    raw = {}
+    for name, module in reference.named_modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            plain = (
+                torch.nn.ConvTranspose1d if isinstance(module, torch.nn.ConvTranspose1d) else torch.nn.Conv1d
+            )
+            legacy = torch.nn.utils.weight_norm(
+                plain(
+                    module.in_channels,
+                    module.out_channels,
+                    module.kernel_size[0],
+                    bias=module.bias is not None,
+                )
+            )
+            raw[f"autoencoder.{name}.weight_g"] = legacy.weight_g.detach()
+            raw[f"autoencoder.{name}.weight_v"] = legacy.weight_v.detach()
+            if module.bias is not None:
+                raw[f"autoencoder.{name}.bias"] = legacy.bias.detach()
+    for name, tensor in reference.state_dict().items():
+        if name.endswith(("alpha", "beta")):
+            raw[f"autoencoder.{name}"] = torch.randn_like(tensor)
+    path = tmp_path / "sr_causal_ds_1600_dim_64.ckpt"
+    torch.save({"state_dict": raw}, path)
+    model, notes = init_model("tiny", vae=path)
+    assert any("prefix 'autoencoder.' stripped" in line for line in notes)
+    v = raw["autoencoder.decoder.layers.0.weight_v"]
+    g = raw["autoencoder.decoder.layers.0.weight_g"]
+    folded = g * v / v.norm(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(model.vae.decoder.layers[0].weight, folded)

@@ -1,0 +1,49 @@
+"""The command line end to end on the tiny preset: demo, init + run, and the errors users see."""
+
+import av
+import numpy as np
+import pytest
+import soundfile
+
+from soundreactor.cli import main
+from soundreactor.demo_video import make_demo_video
+
+
+def test_demo_writes_wav_mp4_and_latency(tmp_path, capsys):
+    assert main(["demo", "--out-dir", str(tmp_path), "--seconds", "1", "--nfe", "1"]) == 0
+    audio, rate = soundfile.read(tmp_path / "demo.wav", always_2d=True)
+    assert rate == 48_000 and audio.shape == (30 * 1600, 2)
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
+    with av.open(str(tmp_path / "demo.mp4")) as container:
+        assert {s.type for s in container.streams} == {"video", "audio"}
+    out = capsys.readouterr().out
+    assert "p50" in out and "real-time factor" in out
+
+
+def test_init_then_run(tmp_path, capsys):
+    checkpoint = tmp_path / "tiny.safetensors"
+    assert main(["init", "--preset", "tiny", "--seed", "2", "--out", str(checkpoint)]) == 0
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.5, size=(64, 112), seed=3)
+    wav = tmp_path / "clip.wav"
+    args = ["run", "--video", str(video), "--checkpoint", str(checkpoint), "--out", str(wav), "--nfe", "2"]
+    assert main([*args, "--mux", str(tmp_path / "muxed.mp4")]) == 0
+    first, rate = soundfile.read(wav, always_2d=True)
+    assert rate == 48_000 and first.shape == (15 * 1600, 2)
+    assert main(args) == 0  # same seed, same audio
+    np.testing.assert_array_equal(soundfile.read(wav, always_2d=True)[0], first)
+    assert (tmp_path / "muxed.mp4").stat().st_size > 0
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    assert main(["run", "--video", str(tmp_path / "missing.mp4"), "--checkpoint", "x", "--out", "y.wav"]) == 2
+    assert "video file not found" in capsys.readouterr().err
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.2, size=(64, 112))
+    assert (
+        main(
+            ["run", "--video", str(video), "--checkpoint", str(tmp_path / "no.safetensors"), "--out", "y.wav"]
+        )
+        == 2
+    )
+    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["init", "--preset", "huge", "--out", str(tmp_path / "x")])
