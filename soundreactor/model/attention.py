@@ -98,6 +98,24 @@ def window_attention(
     return out.to(q.dtype)
 
 
+def cached_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+) -> Tensor:
+    """One transformer step's attention: write query 0's K/V into the ring, attend every query.
+
+    The unit a fused kernel replaces (soundreactor.triton_kernels.decode_attention has this signature).
+    """
+    write_cache(k_cache, v_cache, k[:, 0], v[:, 0], pos)
+    return window_attention(q, k, v, k_cache, v_cache, pos, cos, sin)
+
+
 def causal_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     """Offline attention over a whole sequence: token t sees t-window+1..t. q: [B, T, H, D], k/v: [B, T, Hkv, D]
     already rotated with absolute positions. Used by the cache-free offline reference."""

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from soundreactor.config import TransformerConfig
 from soundreactor.model import attention
 
-# q, k_self, v_self, k_cache, v_cache, pos, cos, sin -> out; the signature of `attention.window_attention`,
+# q, k, v, k_cache, v_cache, pos, cos, sin -> out: write query 0's K/V, attend (`attention.cached_attention`),
 # so a runtime can swap in a fused kernel by setting `CausalTransformer.attention_fn`.
 AttentionFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 # q, k, v ([B, Q, H|Hkv, D], pre-RoPE) -> [B, Q, H, D]: how one layer attends (cached step or offline).
@@ -144,7 +144,7 @@ class CausalTransformer(nn.Module):
         cos, sin = attention.rope_tables(cfg.head_dim, cfg.window, cfg.effective_rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.attention_fn: AttentionFn = attention.window_attention
+        self.attention_fn: AttentionFn = attention.cached_attention
 
     def audio_token(self, prev_latent: Tensor, is_first: Tensor) -> Tensor:
         """S where a stream is at its first frame, else latent_in(prev_latent). [B, latent] -> [B, d]."""
@@ -191,7 +191,6 @@ class CausalTransformer(nn.Module):
     def _attend_cached(
         self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor
     ) -> Tensor:
-        attention.write_cache(k_cache, v_cache, k[:, 0], v[:, 0], pos)
         return self.attention_fn(q, k, v, k_cache, v_cache, pos, self.rope_cos, self.rope_sin)
 
     def _attend_offline(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
