@@ -1,0 +1,30 @@
+"""Triton kernels for the per-frame step on CUDA; `model.attention` stays the reference and the CPU path.
+
+Set SOUNDREACTOR_TRITON=0 to turn the kernels off. Triton is imported only by the kernel modules and by
+`kernels_enabled` on a CUDA device, so `import soundreactor` works where triton is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+SWITCH = "SOUNDREACTOR_TRITON"
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def kernels_enabled(device: torch.device | str) -> bool:
+    """True on CUDA devices when triton imports and SOUNDREACTOR_TRITON is not 0/false/off/no."""
+    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    return torch.device(device).type == "cuda" and _triton_importable()
