@@ -9,10 +9,14 @@ from torch.profiler import record_function
 from soundreactor.model.soundreactor import SoundReactor
 from soundreactor.runtime.session import Streams, check_active, check_frames
 from soundreactor.runtime.state import StreamState
+from soundreactor.triton_kernels import attention_for
 
 
 class TorchStreams(Streams):
-    """B streams on the eager reference model (any device, fp32 by default)."""
+    """B streams on the eager reference model (any device, fp32 by default).
+
+    On CUDA the transformer's attention step is the fused Triton kernel unless SOUNDREACTOR_TRITON=0.
+    """
 
     def __init__(
         self,
@@ -23,6 +27,7 @@ class TorchStreams(Streams):
     ) -> None:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
+        model.transformer.attention_fn = attention_for(self.device)
         self.slots = slots
         self.frame_hw = model.input_hw
         self.samples_per_frame = model.config.samples_per_frame

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -28,3 +29,14 @@ def kernels_enabled(device: torch.device | str) -> bool:
     if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
         return False
     return torch.device(device).type == "cuda" and _triton_importable()
+
+
+def attention_for(device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """The cached-attention step to use on `device`: the fused kernel where enabled, else the torch reference."""
+    if kernels_enabled(device):
+        from soundreactor.triton_kernels.decode_attention import decode_attention
+
+        return decode_attention
+    from soundreactor.model.attention import cached_attention
+
+    return cached_attention
