@@ -1,0 +1,92 @@
+"""CPU baseline: the eager PyTorch streaming session, per frame and per component, for `tiny` and `paper`.
+
+    python perf/bench_cpu.py [--frames 24] [--presets tiny paper]
+
+Per-frame latency is wall time of `Session.step`; the component split comes from the stage labels the torch
+backend puts on each part of the frame (torch.profiler), over a separate profiled pass. Random weights: the cost
+does not depend on their values. Every later backend is compared against this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from common import machine, percentiles, save
+from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
+
+from soundreactor.demo_video import demo_frames
+from soundreactor.model.soundreactor import init_model
+from soundreactor.runtime import Session
+from soundreactor.runtime.torch_backend import TorchStreams
+
+STAGES = ("audio_step", "vision", "vision_step", "sampler", "vae_decode")
+FRAME_HW = (480, 854)
+
+
+def bench_preset(name: str, frames: int, warmup: int, nfe: int) -> dict[str, object]:
+    model, _ = init_model(name, seed=0, input_hw=FRAME_HW)
+    model.configure_sampling(nfe=nfe)
+    session = Session(TorchStreams(model, seed=0))
+    video = list(demo_frames(warmup + 2 * frames, size=FRAME_HW, seed=0))
+    for frame in video[:warmup]:
+        session.step(frame)
+    times = []
+    for frame in tqdm(video[warmup : warmup + frames], desc=f"{name}: frames", unit="frame"):
+        start = time.perf_counter()
+        session.step(frame)
+        times.append((time.perf_counter() - start) * 1e3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for frame in tqdm(video[warmup + frames :], desc=f"{name}: profiled", unit="frame"):
+            session.step(frame)
+    per_stage = {e.key: e.cpu_time_total / 1e3 / frames for e in prof.key_averages() if e.key in STAGES}
+    return {"frame_ms": percentiles(times), "component_ms": {s: per_stage.get(s, float("nan")) for s in STAGES}}
+
+
+def markdown(results: dict[str, object]) -> str:
+    lines = [
+        "# Eager PyTorch streaming session on CPU",
+        "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
+        f"{results['machine']['torch']}. Frames {FRAME_HW[0]}x{FRAME_HW[1]}, NFE {results['nfe']}, guidance 3, "
+        f"fp32, batch 1, {results['frames']} timed frames after {results['warmup']} warm-up.",
+        "",
+        "| preset | p50 ms | p90 ms | p99 ms | " + " | ".join(f"{s} ms" for s in STAGES) + " |",
+        "|---|---|---|---|" + "---|" * len(STAGES),
+    ]
+    for name, r in results["presets"].items():
+        f, c = r["frame_ms"], r["component_ms"]
+        lines.append(
+            f"| {name} | {f['p50']:.1f} | {f['p90']:.1f} | {f['p99']:.1f} | "
+            + " | ".join(f"{c[s]:.1f}" for s in STAGES)
+            + " |"
+        )
+    lines += ["", "Component times are means from a profiled pass (profiler overhead included)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--nfe", type=int, default=4, choices=(1, 2, 4))
+    parser.add_argument("--presets", nargs="+", default=["tiny", "paper"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results: dict[str, object] = {
+        "machine": machine(),
+        "frames": args.frames,
+        "warmup": args.warmup,
+        "nfe": args.nfe,
+        "presets": {p: bench_preset(p, args.frames, args.warmup, args.nfe) for p in args.presets},
+    }
+    path = save("cpu_eager", results, markdown(results))
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=2)
+    main()
