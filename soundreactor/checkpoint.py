@@ -2,7 +2,8 @@
 
 Our format: one safetensors file with every tensor of `SoundReactor.state_dict()` and the model config as JSON in
 the metadata, so a file is self-describing. Official `.pth`/`.ckpt` files are read with
-`torch.load(weights_only=True)`: no pickled code ever runs.
+`torch.load(weights_only=True)`: no pickled code ever runs. safetensors is imported where it is used, so the
+model (random weights) runs on machines without it, such as the GPU image.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from soundreactor.config import ModelConfig
@@ -31,6 +30,8 @@ def read_tensor_file(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
@@ -72,6 +73,8 @@ def check_state_dict(expected: dict[str, Tensor], given: dict[str, Tensor], what
 
 
 def save_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(tensors, str(path), metadata={"format": FORMAT, "config": config.to_json()})
 
@@ -81,6 +84,8 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (make one with `soundreactor init`)")
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -184,8 +184,12 @@ def test_split_plan_fills_the_gpu_at_batch_one():
 
 def test_kernels_enabled_switch(monkeypatch):
     monkeypatch.delenv("SOUNDREACTOR_TRITON", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not kernels_enabled("cpu")
     assert kernels_enabled("cuda")  # triton imports here
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not kernels_enabled("cuda")  # interpreted kernels can't run in CUDA graphs
+    monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("SOUNDREACTOR_TRITON", "0")
     assert not kernels_enabled("cuda")
 

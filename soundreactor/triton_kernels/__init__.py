@@ -25,8 +25,11 @@ def _triton_importable() -> bool:
 
 
 def kernels_enabled(device: torch.device | str) -> bool:
-    """True on CUDA devices when triton imports and SOUNDREACTOR_TRITON is not 0/false/off/no."""
+    """True on CUDA devices when triton imports, SOUNDREACTOR_TRITON is not 0/false/off/no, and the
+    Triton interpreter is off."""
     if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted kernels take CPU tensors and can't be captured
         return False
     return torch.device(device).type == "cuda" and _triton_importable()
 
