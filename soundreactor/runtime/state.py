@@ -42,47 +42,51 @@ class StreamState:
     def slots(self) -> int:
         return len(self.noise.seeds)
 
-    def ring_slots(self) -> Tensor:
-        """[B, 2] ring indices a frame writes: its audio-slot token (2i) and its vision token (2i+1)."""
+    def ring_slots(self, offsets: tuple[int, ...] = (0, 1)) -> Tensor:
+        """[B, len(offsets)] ring indices of positions 2i + offset: the frame's audio-slot token (offset 0) and
+        its vision token (offset 1)."""
         pos = 2 * self.frame_index
-        return torch.remainder(torch.stack((pos, pos + 1), dim=1), self.cache.k.shape[3])
+        return torch.remainder(torch.stack([pos + o for o in offsets], dim=1), self.cache.k.shape[3])
 
-    def save_ring(self) -> tuple[Tensor, Tensor]:
+    def save_ring(self, offsets: tuple[int, ...] = (0, 1)) -> tuple[Tensor, Tensor]:
         """Copies of the cache entries this frame will overwrite, so a skipped or failed frame can undo them."""
-        index = self._ring_index()
+        index = self._ring_index(offsets)
         return self.cache.k.gather(3, index), self.cache.v.gather(3, index)
 
-    def restore_ring(self, saved: tuple[Tensor, Tensor], slots: Tensor) -> None:
+    def restore_ring(
+        self, saved: tuple[Tensor, Tensor], slots: Tensor, offsets: tuple[int, ...] = (0, 1)
+    ) -> None:
         """Put back the saved entries for the slots in the bool mask `slots` (others keep the new ones)."""
-        index = self._ring_index()
+        index = self._ring_index(offsets)
         for buffer, old in zip((self.cache.k, self.cache.v), saved, strict=True):
             new = buffer.gather(3, index)
             buffer.scatter_(3, index, torch.where(slots.view(1, -1, 1, 1, 1), old, new))
 
-    def _ring_index(self) -> Tensor:
+    def _ring_index(self, offsets: tuple[int, ...]) -> Tensor:
         layers, slots, heads, _, head_dim = self.cache.k.shape
-        return self.ring_slots().view(1, slots, 1, 2, 1).expand(layers, slots, heads, 2, head_dim)
+        index = self.ring_slots(offsets).view(1, slots, 1, len(offsets), 1)
+        return index.expand(layers, slots, heads, len(offsets), head_dim)
 
     def commit(self, active: Tensor, grid: Tensor, latent: Tensor, vae_state: list[Tensor]) -> None:
-        """Adopt a finished frame's results for the active slots; idle slots keep what they had."""
+        """Adopt a finished frame's results for the active slots; idle slots keep what they had. In place, so
+        buffers that a CUDA graph captured keep their addresses."""
+        olds, news = (self.prev_grid, self.prev_latent, *self.vae_state), (grid, latent, *vae_state)
+        for old, new in zip(olds, news, strict=True):
+            old.copy_(torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old))
+        self.frame_index.add_(active.long())
 
-        def keep(new: Tensor, old: Tensor) -> Tensor:
-            mask = active.view(-1, *([1] * (new.dim() - 1)))
-            return torch.where(mask, new, old)
-
-        self.prev_grid = keep(grid, self.prev_grid)
-        self.prev_latent = keep(latent, self.prev_latent)
-        self.vae_state = [keep(n, o) for n, o in zip(vae_state, self.vae_state, strict=True)]
-        self.frame_index = self.frame_index + active.long()
+    def clear(self, slots: Tensor) -> None:
+        """Zero the device state of the slots in the bool mask `slots` [B], in place (static shapes, no host
+        sync: capturable in a CUDA graph). The noise generators are the caller's."""
+        for tensor in (self.prev_grid, self.prev_latent, self.frame_index, *self.vae_state):
+            tensor.masked_fill_(slots.view(-1, *([1] * (tensor.dim() - 1))), 0)
+        for tensor in (self.cache.k, self.cache.v):
+            tensor.masked_fill_(slots.view(1, -1, 1, 1, 1), 0)
 
     def reset(self, slot: int | None = None) -> None:
         """Start slot `slot` (or every slot) afresh without touching the others."""
-        slots = range(self.slots) if slot is None else [slot]
-        for s in slots:
-            self.cache.reset(torch.tensor([s]))
-            self.prev_grid[s] = 0
-            self.prev_latent[s] = 0
-            for tensor in self.vae_state:
-                tensor[s] = 0
-            self.frame_index[s] = 0
+        slots = torch.zeros(self.slots, dtype=torch.bool, device=self.frame_index.device)
+        slots[slice(None) if slot is None else slot] = True
+        self.clear(slots)
+        for s in range(self.slots) if slot is None else [slot]:
             self.noise.reset(s)

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU check in one go, from the repo root on the GPU machine (its own python3, no network):
+#
+#     PYTHONPATH=. bash perf/gpu_check.sh [--quick]
+#
+# 1. environment: nvidia-smi, Python / torch / triton / CUDA versions, which optional modules import;
+# 2. the CUDA-graph backend tests, CUDA ones included, with --noconftest: tests/conftest.py turns on the Triton
+#    interpreter, which the GPU runs must not use (set GPU_CHECK_TRITON_TESTS=1 to also run the Triton kernel
+#    tests that way; most of them need the interpreter and skip);
+# 3. the GPU perf suite, perf/bench_gpu.py, in what is left of a 6-minute budget.
+# Everything lands in perf/results/gpu/: gpu_check.log, bench_gpu_<device>.json / .md and the PNG plots; when the
+# caller sets OUT to a folder (the device runner does), they are copied there too.
+# Missing modules (pytest and its dependencies, safetensors) are unpacked from the wheels in $GPU_CHECK_WHEELS
+# (default perf/wheels) when that folder exists.
+set -uo pipefail
+
+BUDGET_S=345 # of 360 s: the summary and the copy need a few seconds
+RESULTS=perf/results/gpu
+mkdir -p "$RESULTS"
+exec > >(tee "$RESULTS/gpu_check.log") 2>&1
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+QUICK=()
+[[ "${1:-}" == "--quick" ]] && QUICK=(--quick)
+declare -A STATUS=([tests]=not-run [triton-tests]=not-run [bench]=not-run)
+
+section() { printf '\n=== %s (t = %d s)\n' "$1" "$SECONDS"; }
+verdict() { if [[ $1 -eq 0 ]]; then echo pass; elif [[ $1 -eq 124 ]]; then echo timeout; else echo "FAIL ($1)"; fi; }
+
+section environment
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "nvidia-smi not found"
+nvidia-smi || true
+echo "C compiler (Triton builds its launchers with it): $(command -v cc || command -v gcc || echo MISSING)"
+WHEELS=${GPU_CHECK_WHEELS:-perf/wheels}
+if [[ -d "$WHEELS" ]]; then
+    SITE=$(mktemp -d)
+    for wheel in "$WHEELS"/*.whl; do
+        file=$(basename "$wheel")
+        module=${file%%-*}
+        if ! "$PYTHON" -c "import ${module,,}" 2>/dev/null; then
+            "$PYTHON" -m zipfile -e "$wheel" "$SITE" && echo "unpacked $file: no ${module,,} here"
+        fi
+    done
+    export PYTHONPATH="$PYTHONPATH:$SITE" # after the repo; only modules that were missing are in it
+fi
+"$PYTHON" - <<'EOF'
+import importlib, platform
+import torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA build {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version()}, CUDA available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device 0: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+for name in ("triton", "numpy", "safetensors", "pytest", "matplotlib", "soundfile", "av"):
+    try:
+        print(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+    except ImportError as err:
+        print(f"{name} MISSING ({err})")
+EOF
+if ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "CUDA is not available here: nothing to check (perf/bench_gpu.py --dry-run checks the code path on CPU)"
+    exit 1
+fi
+
+section "CUDA-graph backend tests (CPU ones too)"
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+    timeout 150 "$PYTHON" -m pytest -q -rA -p no:cacheprovider --noconftest tests/test_cuda_graph_backend.py
+    STATUS[tests]=$(verdict $?)
+    if [[ "${GPU_CHECK_TRITON_TESTS:-0}" == 1 ]]; then
+        section "Triton kernel tests without the interpreter"
+        timeout 90 "$PYTHON" -m pytest -q -rA -p no:cacheprovider --noconftest tests/test_triton_kernels.py
+        STATUS[triton-tests]=$(verdict $?)
+    fi
+else
+    echo "pytest is missing and no wheel provides it: tests skipped (put pytest wheels in $WHEELS)"
+fi
+
+section "GPU perf suite"
+remaining=$((BUDGET_S - SECONDS))
+if ((remaining < 150)); then # slow tests: a quick suite rather than none
+    QUICK=(--quick)
+    remaining=150
+fi
+# the suite starts no new measurement past --budget-s; the timeout is the hard stop (its JSON is kept up to date)
+timeout "$remaining" "$PYTHON" perf/bench_gpu.py "${QUICK[@]}" --budget-s $((remaining - 45)) --out "$RESULTS"
+STATUS[bench]=$(verdict $?)
+if [[ "${STATUS[bench]}" == timeout ]]; then # cut short: markdown and plots from the JSON it kept
+    for json in "$RESULTS"/bench_gpu_*.json; do
+        [[ "$json" == *cpu-dry-run* ]] || "$PYTHON" perf/bench_gpu.py --replot "$json" >/dev/null
+    done
+fi
+
+section summary
+for step in tests triton-tests bench; do
+    printf '%-13s %s\n' "$step" "${STATUS[$step]}"
+done
+ls -l "$RESULTS"
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
+    cp -r "$RESULTS" "$OUT/" && echo "copied $RESULTS to $OUT"
+fi
+[[ "${STATUS[tests]}" != FAIL* && "${STATUS[bench]}" == pass ]]
