@@ -49,6 +49,7 @@ class FramePreprocess(nn.Module):
                 f"frames must be [B, {self.input_hw[0]}, {self.input_hw[1]}, 3] (the input size this encoder "
                 f"was built for), got {list(frames.shape)}; rebuild it for the new size"
             )
-        images = frames.permute(0, 3, 1, 2).to(self.rows.dtype)
+        # Cast before the permute: TensorRT takes uint8 only as a network input feeding a cast.
+        images = frames.to(self.rows.dtype).permute(0, 3, 1, 2)
         resized = self.rows @ images @ self.cols_t
         return resized * self.scale + self.shift

@@ -1,0 +1,122 @@
+"""`soundreactor check`: the real export passes; small hand-built graphs with one flaw each are caught."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from test_export import export_once, run_command
+
+from soundreactor.export.check import TENSORRT_OPS, check_export_dir, check_model
+from soundreactor.export.manifest import file_sha256
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return export_once(tmp_path_factory)[0]
+
+
+def graph_model(nodes, inputs, outputs, initializers=(), opset: int = 23) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def tensor(name: str, shape: list, elem: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def test_a_clean_graph_passes():
+    model = graph_model(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x", [2, 3])], [tensor("y", [2, 3])]
+    )
+    assert check_model(model) == []
+
+
+def test_dynamic_dimension_is_caught():
+    model = graph_model(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        [tensor("x", ["batch", 3])],
+        [tensor("y", ["batch", 3])],
+    )
+    problems = check_model(model)
+    assert any("input 'x' has a dynamic or unknown shape ['batch', 3]" in p for p in problems), problems
+    assert any("output 'y'" in p for p in problems)
+
+
+def test_unsupported_ops_are_caught():
+    assert "Unique" not in TENSORRT_OPS and "ScatterND" in TENSORRT_OPS
+    model = graph_model(
+        [
+            helper.make_node("Unique", ["x"], ["y"], name="unique", sorted=1),
+            helper.make_node("Gelu", ["x"], ["z"], name="ms_gelu", domain="com.microsoft"),
+        ],
+        [tensor("x", [4])],
+        [tensor("y", [4]), tensor("z", [4])],
+    )
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    problems = check_model(model)
+    assert any("op Unique (1 node, e.g. 'unique') is not on TensorRT" in p for p in problems), problems
+    assert any("op com.microsoft::Gelu" in p for p in problems), problems
+
+
+def test_parser_restrictions_are_caught():
+    axes_input = graph_model(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="mean", keepdims=0)],
+        [tensor("x", [2, 3]), tensor("axes", [1], TensorProto.INT64)],
+        [tensor("y", [2])],
+    )
+    assert any("`axes` must be an initializer" in p for p in check_model(axes_input))
+    scatter_add = graph_model(
+        [helper.make_node("ScatterND", ["x", "i", "u"], ["y"], name="scatter", reduction="add")],
+        [tensor("x", [4]), tensor("i", [1, 1], TensorProto.INT64), tensor("u", [1])],
+        [tensor("y", [4])],
+    )
+    assert any("reduction 'none' only" in p for p in check_model(scatter_add))
+    uint8_inside = graph_model(
+        [
+            helper.make_node("Transpose", ["x"], ["t"], name="transpose", perm=[1, 0]),
+            helper.make_node("Cast", ["t"], ["y"], name="cast", to=TensorProto.FLOAT),
+        ],
+        [tensor("x", [2, 3], TensorProto.UINT8)],
+        [tensor("y", [3, 2])],
+    )
+    assert any("'t' is uint8 inside the graph" in p for p in check_model(uint8_inside))
+    too_new = graph_model(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        [tensor("x", [2])],
+        [tensor("y", [2])],
+        opset=25,
+    )
+    assert any("opset 25 is outside 9-24" in p for p in check_model(too_new))
+
+
+def test_export_passes_and_the_command_reports_it(exported, capsys):
+    report = check_export_dir(exported)
+    assert report.ok, report.format()
+    run_command(["check", str(exported)])
+    out = capsys.readouterr().out
+    for name in ("ar_audio", "vision", "ar_vision", "sampler", "vae_decoder"):
+        assert f"  {name}" in out
+    assert "5 graphs ready for TensorRT" in out and "TensorRT parse: skipped" in out
+
+
+def test_unpaired_state_and_manifest_drift_fail_the_check(exported, tmp_path, capsys):
+    directory = shutil.copytree(exported, tmp_path / "export")
+    # make vision's `grid` output one row short of `prev_grid`: the state pair and the manifest both disagree
+    proto = onnx.load(str(directory / "vision.onnx"), load_external_data=False)
+    proto.graph.output[1].type.tensor_type.shape.dim[1].dim_value -= 1
+    onnx.save(proto, str(directory / "vision.onnx"))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"]["vision.onnx"] = file_sha256(directory / "vision.onnx")
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+    report = check_export_dir(directory)
+    problems = next(g.problems for g in report.graphs if g.name == "vision")
+    assert any("state output 'grid'" in p and "'prev_grid'" in p for p in problems), problems
+    assert any(p.startswith("manifest: output 'grid'") for p in problems), problems
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(["check", str(directory)])
+    assert exit_info.value.code == 1 and "NOT ready" in capsys.readouterr().out
