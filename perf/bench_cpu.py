@@ -43,7 +43,10 @@ def bench_preset(name: str, frames: int, warmup: int, nfe: int) -> dict[str, obj
         for frame in tqdm(video[warmup + frames :], desc=f"{name}: profiled", unit="frame"):
             session.step(frame)
     per_stage = {e.key: e.cpu_time_total / 1e3 / frames for e in prof.key_averages() if e.key in STAGES}
-    return {"frame_ms": percentiles(times), "component_ms": {s: per_stage.get(s, float("nan")) for s in STAGES}}
+    return {
+        "frame_ms": percentiles(times),
+        "component_ms": {s: per_stage.get(s, float("nan")) for s in STAGES},
+    }
 
 
 def markdown(results: dict[str, object]) -> str:

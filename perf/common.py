@@ -17,7 +17,9 @@ def machine() -> dict[str, object]:
     cpu = platform.processor() or "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
+        ]
         cpu = names[0] if names else cpu
     info: dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
     try:
@@ -35,7 +37,13 @@ def machine() -> dict[str, object]:
 def percentiles(ms: list[float] | np.ndarray) -> dict[str, float]:
     values = np.asarray(ms, dtype=np.float64)
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(values.mean()), "n": len(values)}
+    return {
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "mean": float(values.mean()),
+        "n": len(values),
+    }
 
 
 def save(name: str, results: dict[str, object], markdown: str) -> Path:

@@ -1,4 +1,4 @@
-"""Command line: `soundreactor init | run | demo` (and the export/engine commands as they land)."""
+"""Command line: `soundreactor init | run | demo | export | check | build | compare | calibrate`."""
 
 from __future__ import annotations
 
@@ -7,18 +7,51 @@ import sys
 import time
 from pathlib import Path
 
+from soundreactor.calibration.commands import add_commands as add_calibration_commands
 from soundreactor.config import PRESETS
+from soundreactor.engine.commands import add_commands as add_engine_commands
+from soundreactor.engine.tensorrt_env import TensorRTMissing
+from soundreactor.export.commands import add_commands as add_export_commands
+
+BACKENDS = ("torch", "cuda-graph", "onnxruntime", "tensorrt")
 
 
-def _build_model(args: argparse.Namespace):
-    """SoundReactor from a checkpoint, sized for the video's frames, with the requested sampling."""
+def _session(args: argparse.Namespace):
+    """One stream on the requested backend: eager or CUDA-graph torch over a checkpoint, or an export directory."""
+    from soundreactor.runtime.session import Session
+
+    if args.backend in ("onnxruntime", "tensorrt"):
+        if not args.engines:
+            raise ValueError(f"--backend {args.backend} needs --engines DIR (made by `soundreactor export`)")
+        if args.backend == "onnxruntime":
+            from soundreactor.export.commands import ort_session_from_dir
+
+            providers = args.providers.split(",")
+            return ort_session_from_dir(
+                args.engines, args.seed, providers, args.checkpoint, args.nfe, args.guidance
+            )
+        from soundreactor.engine.commands import trt_session_from_dir
+
+        return trt_session_from_dir(args.engines, args.seed, args.checkpoint, args.nfe, args.guidance)
+
+    import torch
+
     from soundreactor.media import probe_video
     from soundreactor.model.soundreactor import SoundReactor
 
+    if not args.checkpoint:
+        raise ValueError(f"--backend {args.backend} needs --checkpoint FILE (made by `soundreactor init`)")
     info = probe_video(args.video)
     model = SoundReactor.load(args.checkpoint, input_hw=(info.height, info.width))
     model.configure_sampling(nfe=args.nfe, guidance=args.guidance)
-    return model
+    if args.backend == "torch":
+        from soundreactor.runtime.torch_backend import TorchStreams
+
+        return Session(TorchStreams(model, seed=args.seed, device=args.device))
+    from soundreactor.runtime.cuda_graph_backend import GraphStreams
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    return Session(GraphStreams(model, seed=args.seed, device=args.device, dtype=dtype))
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -34,11 +67,8 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from soundreactor.media import mux
     from soundreactor.pipeline import video_to_wav
-    from soundreactor.runtime.session import Session
-    from soundreactor.runtime.torch_backend import TorchStreams
 
-    model = _build_model(args)
-    session = Session(TorchStreams(model, seed=args.seed, device=args.device))
+    session = _session(args)
     report = video_to_wav(session, args.video, args.out)
     print(f"wrote {args.out}")
     if args.mux:
@@ -87,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate audio for a video, frame by frame")
     run.add_argument("--video", required=True)
-    run.add_argument("--checkpoint", required=True)
+    run.add_argument("--checkpoint", help="checkpoint (torch backends); checked against an export if given")
+    run.add_argument("--backend", choices=BACKENDS, default="torch")
+    run.add_argument("--engines", metavar="DIR", help="export directory (onnxruntime, tensorrt backends)")
+    run.add_argument("--providers", default="cpu", help="onnxruntime providers, e.g. cuda,cpu")
+    run.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="bf16", help="cuda-graph precision")
     run.add_argument("--out", required=True, help="output WAV (48 kHz stereo)")
     run.add_argument("--mux", help="also write a copy of the video with the audio muxed in")
     run.add_argument("--nfe", type=int, choices=(1, 2, 4))
@@ -102,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nfe", type=int, choices=(1, 2, 4), default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    add_export_commands(sub)
+    add_engine_commands(sub)
+    add_calibration_commands(sub)
     return parser
 
 
@@ -109,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, TensorRTMissing) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

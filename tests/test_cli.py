@@ -1,5 +1,7 @@
 """The command line end to end on the tiny preset: demo, init + run, and the errors users see."""
 
+import importlib.util
+
 import av
 import numpy as np
 import pytest
@@ -47,3 +49,32 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["init", "--preset", "huge", "--out", str(tmp_path / "x")])
+
+
+def test_export_check_and_run_on_onnxruntime(tmp_path, capsys):
+    """The export path end to end: ORT audio equals the torch backend's for the same checkpoint and seed."""
+    checkpoint = tmp_path / "tiny.safetensors"
+    main(["init", "--preset", "tiny", "--seed", "4", "--out", str(checkpoint)])
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.4, size=(64, 112), seed=5)
+    engines = tmp_path / "engines"
+    export = ["export", "--checkpoint", str(checkpoint), "--out", str(engines), "--frame-size", "64x112"]
+    assert main([*export, "--nfe", "2", "--slots", "1"]) == 0
+    assert main(["check", str(engines)]) == 0
+    common = ["run", "--video", str(video), "--checkpoint", str(checkpoint), "--nfe", "2"]
+    assert main([*common, "--out", str(tmp_path / "torch.wav")]) == 0
+    ort = [*common, "--backend", "onnxruntime", "--engines", str(engines)]
+    assert main([*ort, "--out", str(tmp_path / "ort.wav")]) == 0
+    reference = soundfile.read(tmp_path / "torch.wav")[0]
+    np.testing.assert_allclose(soundfile.read(tmp_path / "ort.wav")[0], reference, atol=1e-5)  # fp32 graphs
+
+    other = make_demo_video(tmp_path / "other.mp4", seconds=0.2, size=(48, 80))
+    capsys.readouterr()
+    bad = ["run", "--video", str(other), "--backend", "onnxruntime", "--engines", str(engines)]
+    assert main([*bad, "--out", str(tmp_path / "x.wav")]) == 2
+    assert "48x80 does not match" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="checks the no-TensorRT message")
+def test_tensorrt_commands_explain_a_missing_install(tmp_path, capsys):
+    assert main(["build", "--engines", str(tmp_path)]) == 2
+    assert "tensorrt" in capsys.readouterr().err.lower()

@@ -86,11 +86,14 @@ class DiffusionHead(nn.Module):
                 f"expected x [B, {self.latent_dim}] and z [B, {self.cond_dim}], "
                 f"got {tuple(x.shape)} and {tuple(z.shape)}"
             )
-        # new_full is a fill kernel (no host-to-device copy), so a float t stays CUDA-graph capturable
-        t = x.new_full((x.shape[0],), t) if not isinstance(t, Tensor) else t.to(x.dtype).expand(x.shape[0])
+        # Preconditioning runs in fp32 whatever the weights' dtype: in bf16, t = 24.4 would round to 24.375.
+        # new_full is a fill kernel (no host-to-device copy), so a float t stays CUDA-graph capturable.
+        t = x.new_full((x.shape[0],), t, dtype=torch.float32) if not isinstance(t, Tensor) else t.float()
+        t = t.expand(x.shape[0])
         sigma_data = self.cfg.sigma_data
         norm = (t**2 + sigma_data**2).sqrt()
         c_skip = (sigma_data**2 / norm**2)[:, None]
         c_out = (t * sigma_data / norm)[:, None]
         c_in = (1 / norm)[:, None]
-        return c_skip * x + c_out * self(c_in * x, t.log() / 4, z)
+        network = self((c_in * x.float()).to(x.dtype), t.log() / 4, z)
+        return (c_skip * x.float() + c_out * network.float()).to(x.dtype)

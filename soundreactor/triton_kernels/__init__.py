@@ -29,7 +29,9 @@ def kernels_enabled(device: torch.device | str) -> bool:
     Triton interpreter is off."""
     if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted kernels take CPU tensors and can't be captured
+    if (
+        os.environ.get("TRITON_INTERPRET") == "1"
+    ):  # interpreted kernels take CPU tensors and can't be captured
         return False
     return torch.device(device).type == "cuda" and _triton_importable()
 
