@@ -8,7 +8,6 @@ model (random weights) runs on machines without it, such as the GPU image.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -98,11 +97,3 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
             f"build a checkpoint with `soundreactor init`"
         )
     return ModelConfig.from_json(metadata["config"]), tensors
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -119,7 +119,7 @@ def test_failed_frame_leaves_the_streams_intact(exported, frames, monkeypatch):
 def test_wrong_frame_size_names_the_fix(exported, frames):
     streams = OrtStreams(exported[0])
     wrong = np.zeros((SLOTS, 64, 112, 3), np.uint8)
-    with pytest.raises(FrameError, match=r"64x112 does not match the 48x80 .*--frame-size 64x112"):
+    with pytest.raises(FrameError, match=r"64x112 does not match the session.s 48x80: .*--frame-size HxW"):
         streams.step(wrong)
 
 

@@ -30,7 +30,7 @@ from soundreactor.export.manifest import (
     version_mismatch,
 )
 from soundreactor.noise import NoiseSource
-from soundreactor.runtime.session import FrameError, Streams, check_active, check_frames
+from soundreactor.runtime.session import Streams, check_active, check_frames
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {
@@ -159,15 +159,12 @@ class OrtStreams(Streams):
         return value
 
     def step(self, frames: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
-        shape = getattr(frames, "shape", ())
-        if len(shape) == 4 and tuple(shape[1:3]) != self.frame_hw:
-            h, w = self.frame_hw
-            raise FrameError(
-                f"frame size {shape[1]}x{shape[2]} does not match the {h}x{w} that {self.directory} was exported "
-                f"for: resize frames to {h}x{w}, or re-export with `soundreactor export --frame-size "
-                f"{shape[1]}x{shape[2]}`"
-            )
-        frames = check_frames(frames, self.slots, self.frame_hw)
+        frames = check_frames(
+            frames,
+            self.slots,
+            self.frame_hw,
+            f"resize frames to {self.frame_hw[0]}x{self.frame_hw[1]}, or re-export {self.directory} with `soundreactor export --frame-size HxW` for the video's size",
+        )
         active = check_active(active, self.slots)
         saved_noise = self.noise.snapshot()
         try:

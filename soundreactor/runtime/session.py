@@ -18,10 +18,16 @@ class FrameError(ValueError):
     """A frame the session cannot take; the stream's state is left untouched."""
 
 
-def check_frames(frames: object, slots: int, frame_hw: tuple[int, int]) -> np.ndarray:
+RESIZE_OR_REBUILD = "resize frames to that size, or create the session with frame_hw set to the video's size"
+
+
+def check_frames(
+    frames: object, slots: int, frame_hw: tuple[int, int], size_fix: str = RESIZE_OR_REBUILD
+) -> np.ndarray:
     """Validate a batch of frames [B, H, W, 3] and return it as contiguous uint8.
 
     uint8 frames pass as they are; float frames must be finite and within [0, 1] and are rounded to uint8.
+    `size_fix` tells the user what to do about a frame of another size (backends built for one size differ).
     """
     if hasattr(frames, "detach"):  # a torch tensor, without importing torch here
         frames = frames.detach().cpu().numpy()
@@ -40,8 +46,7 @@ def check_frames(frames: object, slots: int, frame_hw: tuple[int, int]) -> np.nd
         )
     if frames.shape[1:3] != (h, w):
         raise FrameError(
-            f"frame size {frames.shape[1]}x{frames.shape[2]} does not match the session's {h}x{w}: "
-            "resize frames to that size, or create the session with frame_hw set to the video's size"
+            f"frame size {frames.shape[1]}x{frames.shape[2]} does not match the session's {h}x{w}: {size_fix}"
         )
     if frames.dtype == np.uint8:
         return np.ascontiguousarray(frames)

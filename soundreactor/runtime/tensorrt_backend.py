@@ -37,7 +37,7 @@ from soundreactor.engine.tensorrt_env import (
 )
 from soundreactor.export.manifest import check_checkpoint, load_manifest
 from soundreactor.noise import NoiseSource
-from soundreactor.runtime.session import FrameError, Streams, check_active, check_frames
+from soundreactor.runtime.session import Streams, check_active, check_frames
 
 HOST_INPUTS = {"frames", "frame_index", "active", "guidance", "noise"}  # what the host writes
 HOST_OUTPUTS = {"audio"}
@@ -211,14 +211,12 @@ class TrtStreams(Streams):
         check_cuda(self.cudart.cudaStreamSynchronize(self.stream), "reset")
 
     def step(self, frames: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
-        shape = getattr(frames, "shape", ())
-        if len(shape) == 4 and tuple(shape[1:3]) != self.frame_hw:
-            h, w = self.frame_hw
-            raise FrameError(
-                f"frame size {shape[1]}x{shape[2]} does not match the {h}x{w} that {self.directory} was exported "
-                f"for: resize frames to {h}x{w}, or re-export and rebuild for {shape[1]}x{shape[2]}"
-            )
-        frames = check_frames(frames, self.slots, self.frame_hw)
+        frames = check_frames(
+            frames,
+            self.slots,
+            self.frame_hw,
+            f"resize frames to {self.frame_hw[0]}x{self.frame_hw[1]}, or re-export {self.directory} for the video's size and rebuild the engines",
+        )
         active = check_active(active, self.slots)
         host, cudart = self.buffers.host, self.cudart
         saved_noise = self.noise.snapshot()
