@@ -25,7 +25,6 @@ from soundreactor.triton_kernels import kernels_enabled
 triton = pytest.importorskip("triton")
 
 from soundreactor.triton_kernels import decode_attention as attention_kernel  # noqa: E402
-from soundreactor.triton_kernels import rmsnorm as rmsnorm_kernel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_WINDOW, PAPER_HEADS, PAPER_HEAD_DIM = 480, 16, 64
@@ -203,45 +202,6 @@ def test_package_imports_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
-@interpreted
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_add_rmsnorm_matches_reference(dtype):
-    x, residual = torch.randn(2, 3, 80).to(dtype), torch.randn(2, 3, 80).to(dtype)  # 80: a masked tail
-    weight = (1 + 0.1 * torch.randn(80)).to(dtype)
-    out, hidden = rmsnorm_kernel.add_rmsnorm(x, residual, weight, 1e-5)
-    expected, expected_hidden = rmsnorm_kernel.add_rmsnorm_reference(x, residual, weight, 1e-5)
-    # fp32/fp16: exact sum, then float noise of one fp16 ulp (2^-10) at most. The interpreter truncates
-    # fp32 -> bf16 where the GPU rounds to nearest: bf16 may sit one ulp (<= 2^-7) off per rounding.
-    bf16 = dtype == torch.bfloat16
-    torch.testing.assert_close(hidden, expected_hidden, atol=0, rtol=2**-7 if bf16 else 0)
-    rtol = {torch.float32: 1e-5, torch.float16: 2**-10, torch.bfloat16: 3 * 2**-7}[dtype]
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=rtol)
-
-
-@pytest.mark.parametrize(
-    ("residual", "weight", "error"),
-    [
-        (torch.zeros(2, 8), torch.ones(8), ValueError),  # residual shape differs
-        (torch.zeros(2, 4, dtype=torch.float16), torch.ones(4), TypeError),  # residual dtype differs
-        (torch.zeros(2, 4), torch.ones(5), ValueError),  # weight is not [dim]
-    ],
-)
-def test_add_rmsnorm_bad_inputs_raise(residual, weight, error):
-    with pytest.raises(error):
-        rmsnorm_kernel.add_rmsnorm(torch.zeros(2, 4), residual, weight, 1e-5)
-
-
-def test_add_rmsnorm_reference_is_the_transformer_norm():
-    from soundreactor.model.transformer import RMSNorm
-
-    norm = RMSNorm(32, 1e-5)
-    torch.nn.init.normal_(norm.weight)
-    x, residual = torch.randn(4, 32), torch.randn(4, 32)
-    out, hidden = rmsnorm_kernel.add_rmsnorm_reference(x, residual, norm.weight.detach(), 1e-5)
-    torch.testing.assert_close(out, norm(x + residual).detach(), atol=0, rtol=0)
-    torch.testing.assert_close(hidden, x + residual, atol=0, rtol=0)
-
-
 def test_bench_dry_run(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "perf" / "bench_kernels.py")
     bench = importlib.util.module_from_spec(spec)
@@ -261,7 +221,7 @@ PAPER_LAUNCHES = [(1, 1, "bf16"), (2, 1, "bf16"), (2, 64, "bf16"), (2, 1, "fp16"
 
 
 def aot_variants() -> list[tuple[str, str, dict[str, int]]]:
-    """(kernel, dtype, constexprs) as decode_attention and add_rmsnorm launch them for the paper preset."""
+    """(kernel, dtype, constexprs) as decode_attention launches them for the paper preset."""
     variants = []
     for n_q, batch, dtype in PAPER_LAUNCHES:
         block_n = attention_kernel.default_block_n(n_q, PAPER_HEAD_DIM)
@@ -269,7 +229,6 @@ def aot_variants() -> list[tuple[str, str, dict[str, int]]]:
         shape = dict(WINDOW=PAPER_WINDOW, HEAD_DIM=PAPER_HEAD_DIM, GROUP=1, N_ROWS=n_q, BLOCK_M=n_q)
         tiles = {"BLOCK_N": block_n, "SPLIT_SIZE": split_size}
         variants += [("_window_partial_kernel", dtype, shape | tiles), ("_merge_kernel", dtype, shape)]
-    variants.append(("_add_rmsnorm_kernel", "bf16", {"BLOCK": 1024}))
     return variants
 
 
@@ -277,10 +236,7 @@ def compile_for_sm90(name: str, dtype: str, constexprs: dict[str, int]) -> dict[
     """Compile one kernel for H100; returns its shared memory and ptxas's register and spill counts."""
     from triton.backends.compiler import GPUTarget
 
-    if name == "_add_rmsnorm_kernel":
-        kernel, warps = rmsnorm_kernel._add_rmsnorm_kernel, rmsnorm_kernel.num_warps(constexprs["BLOCK"])
-    else:
-        kernel, warps = getattr(attention_kernel, name), attention_kernel.NUM_WARPS
+    kernel, warps = getattr(attention_kernel, name), attention_kernel.NUM_WARPS
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:
@@ -288,7 +244,7 @@ def compile_for_sm90(name: str, dtype: str, constexprs: dict[str, int]) -> dict[
         elif arg.endswith("_ptr"):
             signature[arg] = POINTER_TYPES.get(arg, "*fp32" if arg.startswith("part_") else f"*{dtype}")
         else:
-            signature[arg] = "fp32" if arg in ("qk_scale", "eps") else "i32"
+            signature[arg] = "fp32" if arg == "qk_scale" else "i32"
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
