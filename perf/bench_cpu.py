@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine, percentiles, save
+from common import RESULTS, machine, percentiles, save
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
@@ -71,6 +72,26 @@ def markdown(results: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: dict[str, object]) -> Path:
+    """Per-component bars for each preset, next to the markdown table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = results["presets"]
+    fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 3.5), squeeze=False)
+    for ax, (name, r) in zip(axes[0], presets.items(), strict=True):
+        ax.barh(STAGES, [r["component_ms"][s] for s in STAGES], color="tab:blue")
+        ax.invert_yaxis()
+        ax.set_title(f"{name}: p50 {r['frame_ms']['p50']:.1f} ms per frame")
+        ax.set_xlabel("ms per frame (eager torch, CPU)")
+    fig.tight_layout()
+    path = RESULTS / "cpu_eager.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=24)
@@ -88,6 +109,7 @@ def main() -> None:
     }
     path = save("cpu_eager", results, markdown(results))
     print(path.read_text())
+    print(f"plot: {plot(results)}")
 
 
 if __name__ == "__main__":
