@@ -7,7 +7,9 @@
 # 2. the CUDA-graph backend tests, CUDA ones included, with --noconftest: tests/conftest.py turns on the Triton
 #    interpreter, which the GPU runs must not use (set GPU_CHECK_TRITON_TESTS=1 to also run the Triton kernel
 #    tests that way; most of them need the interpreter and skip);
-# 3. the GPU perf suite, perf/bench_gpu.py, in what is left of a 6-minute budget.
+# 3. the decode-attention kernel against the torch paths it replaces (perf/bench_kernels.py, a short sweep that
+#    also records each method's error against the reference: the kernel's correctness check on a real GPU);
+# 4. the GPU perf suite, perf/bench_gpu.py, in what is left of a 6-minute budget.
 # Everything lands in perf/results/gpu/: gpu_check.log, bench_gpu_<device>.json / .md and the PNG plots; when the
 # caller sets OUT to a folder (the device runner does), they are copied there too.
 # Missing modules (pytest and its dependencies, safetensors) are unpacked from the wheels in $GPU_CHECK_WHEELS
@@ -23,7 +25,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 QUICK=()
 [[ "${1:-}" == "--quick" ]] && QUICK=(--quick)
-declare -A STATUS=([tests]=not-run [triton-tests]=not-run [bench]=not-run)
+declare -A STATUS=([tests]=not-run [triton-tests]=not-run [kernels]=not-run [bench]=not-run)
 
 section() { printf '\n=== %s (t = %d s)\n' "$1" "$SECONDS"; }
 verdict() { if [[ $1 -eq 0 ]]; then echo pass; elif [[ $1 -eq 124 ]]; then echo timeout; else echo "FAIL ($1)"; fi; }
@@ -76,6 +78,10 @@ else
     echo "pytest is missing and no wheel provides it: tests skipped (put pytest wheels in $WHEELS)"
 fi
 
+section "decode-attention kernel benchmark"
+timeout 60 "$PYTHON" perf/bench_kernels.py --windows 64,480,960 --batches 1,16,64 --iters 10 --out "$RESULTS"
+STATUS[kernels]=$(verdict $?)
+
 section "GPU perf suite"
 remaining=$((BUDGET_S - SECONDS))
 if ((remaining < 150)); then # slow tests: a quick suite rather than none
@@ -92,7 +98,7 @@ if [[ "${STATUS[bench]}" == timeout ]]; then # cut short: markdown and plots fro
 fi
 
 section summary
-for step in tests triton-tests bench; do
+for step in tests triton-tests kernels bench; do
     printf '%-13s %s\n' "$step" "${STATUS[$step]}"
 done
 ls -l "$RESULTS"
