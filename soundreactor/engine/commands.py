@@ -96,17 +96,8 @@ def trt_session_from_dir(
     guidance: float | None = None,
 ) -> Session:
     """One stream on the TensorRT backend, checked against the checkpoint and NFE the caller expects."""
-    from soundreactor.export.manifest import load_manifest
+    from soundreactor.export.manifest import check_single_stream, load_manifest
     from soundreactor.runtime.tensorrt_backend import TrtStreams
 
-    manifest = load_manifest(engines_dir)
-    if nfe is not None and nfe != manifest.nfe:
-        raise ValueError(
-            f"{engines_dir} was exported for nfe={manifest.nfe}; the sampler's steps are unrolled in the graph, "
-            f"so re-export with `soundreactor export --nfe {nfe}` and rebuild"
-        )
-    if manifest.slots != 1:
-        raise ValueError(
-            f"{engines_dir} was exported for {manifest.slots} slots; a single-stream session needs --slots 1"
-        )
+    check_single_stream(load_manifest(engines_dir), engines_dir, nfe, rebuild=" and rebuild")
     return Session(TrtStreams(engines_dir, seed=seed, checkpoint=checkpoint, guidance=guidance))

@@ -86,19 +86,11 @@ def ort_session_from_dir(
     guidance: float | None = None,
 ) -> Session:
     """One stream on the ONNX Runtime backend, checked against the checkpoint and NFE the caller expects."""
+    from soundreactor.export.manifest import check_single_stream
     from soundreactor.runtime.onnxruntime_backend import OrtStreams
 
     streams = OrtStreams(
         engines_dir, seed=seed, providers=providers, checkpoint=checkpoint, guidance=guidance
     )
-    manifest = streams.manifest
-    if nfe is not None and nfe != manifest.nfe:
-        raise ValueError(
-            f"{engines_dir} was exported for nfe={manifest.nfe}; the sampler's steps are unrolled in the graph, "
-            f"so re-export with `soundreactor export --nfe {nfe}`"
-        )
-    if manifest.slots != 1:
-        raise ValueError(
-            f"{engines_dir} was exported for {manifest.slots} slots; a single-stream session needs --slots 1"
-        )
+    check_single_stream(streams.manifest, engines_dir, nfe)
     return Session(streams)

@@ -138,6 +138,21 @@ def check_checkpoint(manifest: Manifest, checkpoint: str | Path) -> None:
         )
 
 
+def check_single_stream(
+    manifest: Manifest, directory: str | Path, nfe: int | None, rebuild: str = ""
+) -> None:
+    """A one-stream session needs a 1-slot export with the caller's NFE (the sampler's steps are unrolled)."""
+    if nfe is not None and nfe != manifest.nfe:
+        raise ExportDirError(
+            f"{directory} was exported for nfe={manifest.nfe}; the sampler's steps are unrolled in the graph, "
+            f"so re-export with `soundreactor export --nfe {nfe}`{rebuild}"
+        )
+    if manifest.slots != 1:
+        raise ExportDirError(
+            f"{directory} was exported for {manifest.slots} slots; a single-stream session needs --slots 1"
+        )
+
+
 def io_mismatches(
     spec: GraphSpec,
     inputs: list[tuple[str, tuple[int | str, ...], str]],

@@ -163,7 +163,8 @@ class OrtStreams(Streams):
             frames,
             self.slots,
             self.frame_hw,
-            f"resize frames to {self.frame_hw[0]}x{self.frame_hw[1]}, or re-export {self.directory} with `soundreactor export --frame-size HxW` for the video's size",
+            f"resize frames to {self.frame_hw[0]}x{self.frame_hw[1]}, or re-export {self.directory} with "
+            "`soundreactor export --frame-size HxW` for the video's size",
         )
         active = check_active(active, self.slots)
         saved_noise = self.noise.snapshot()
@@ -204,9 +205,8 @@ class OrtStreams(Streams):
             raise IndexError(f"slot {slot} out of range for {self.slots} slots")
         slots = range(self.slots) if slot is None else [slot]
         for name, spec in self.state_specs.items():
-            array = (
-                self.state[name].numpy().copy()
-            )  # a view on CPU, a host copy on CUDA: the same code for both
+            # numpy() is a view on CPU and a host copy on CUDA: copying makes both the same
+            array = self.state[name].numpy().copy()
             for s in slots:
                 array[(slice(None),) * spec.slot_axis + (s,)] = 0
             self.state[name].update_inplace(array)

@@ -215,7 +215,8 @@ class TrtStreams(Streams):
             frames,
             self.slots,
             self.frame_hw,
-            f"resize frames to {self.frame_hw[0]}x{self.frame_hw[1]}, or re-export {self.directory} for the video's size and rebuild the engines",
+            f"resize frames to {self.frame_hw[0]}x{self.frame_hw[1]}, or re-export {self.directory} for the "
+            "video's size and rebuild the engines",
         )
         active = check_active(active, self.slots)
         host, cudart = self.buffers.host, self.cudart
