@@ -40,9 +40,9 @@ def cast_model(model: SoundReactor, precision: str) -> SoundReactor:
     Kept fp32: the RoPE cos/sin tables (`.half()` would round the angles' cosines to 1e-3; `apply_rope` computes
     in fp32 anyway), the frame resize matrices and normalization (they see 0..255 pixel values), and the VAE's
     SnakeBeta log-scale parameters (exp(b) + 1e-9 underflows in fp16; the module casts exp(a), 1/exp(b) to the
-    activation dtype). The modules themselves keep RMSNorm (`x.float()`), the transformer's attention scores and
-    softmax (`window_attention` in fp32) and the head's sinusoidal angles in fp32; LayerNorm exports as
-    LayerNormalization with fp32 statistics (stash_type 1), and `set_softmax_precision` makes the vision
+    activation dtype). RMSNorm and LayerNorm export as RMSNormalization and LayerNormalization with fp32
+    statistics (stash_type 1); the modules keep the transformer's attention scores and softmax
+    (`window_attention`) and the head's sinusoidal angles in fp32, and `set_softmax_precision` makes the vision
     Attention ops' softmax fp32.
     """
     if precision not in PRECISIONS:
