@@ -44,6 +44,32 @@ class SnakeBeta(nn.Module):
         return self(x)
 
 
+class FoldedSnakeBeta(nn.Module):
+    """A SnakeBeta for inference copies: exp(alpha) and 1 / (exp(beta) + 1e-9) computed once, in fp32, instead
+    of in every call (four kernels per activation a frame, on weights only). Later edits of the source
+    module's parameters are not seen."""
+
+    def __init__(self, snake: SnakeBeta):
+        super().__init__()
+        alpha, beta = snake.alpha.detach().float(), snake.beta.detach().float()
+        self.register_buffer("alpha_exp", alpha.exp()[:, None])
+        self.register_buffer("inv_beta", torch.reciprocal(beta.exp() + 1e-9)[:, None])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addcmul(x, self.inv_beta, torch.sin(self.alpha_exp * x).square())
+
+    def stream(self, x: Tensor, states: Iterator[Tensor], new_states: list[Tensor]) -> Tensor:
+        return self(x)
+
+
+def fold_snakes(module: nn.Module) -> None:
+    """Replace, in place, every SnakeBeta under `module` by its FoldedSnakeBeta."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SnakeBeta):
+                setattr(parent, name, FoldedSnakeBeta(child))
+
+
 class CausalConv1d(nn.Conv1d):
     """Conv1d with left zero padding; streaming keeps the last `history` input frames instead."""
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from soundreactor.model.soundreactor import SoundReactor
+from soundreactor.model.vae import fold_snakes
 from soundreactor.runtime.session import Streams, check_active, check_frames
 from soundreactor.runtime.state import StreamState
 from soundreactor.triton_kernels import kernels_enabled
@@ -62,11 +63,13 @@ def graphs_enabled(device: torch.device | str) -> bool:
 def cast_model(model: SoundReactor, device: torch.device, dtype: torch.dtype) -> SoundReactor:
     """A frozen copy of `model` on `device` with weights in `dtype`; the FP32_BUFFERS tables stay fp32.
 
-    RMSNorm statistics are fp32 in the model code, LayerNorm and softmax accumulate in fp32 in torch's kernels.
+    RMSNorm, LayerNorm and softmax accumulate in fp32 in torch's kernels. The VAE's Snake scales are folded
+    from their log-scale parameters in fp32 before the cast (`fold_snakes`).
     """
     if dtype not in DTYPES:
         raise TypeError(f"dtype must be one of {DTYPES}, got {dtype}")
     model = copy.deepcopy(model).to(device)
+    fold_snakes(model.vae)
     tables = {name: b.float() for name, b in model.named_buffers() if name in FP32_BUFFERS}
     model.to(dtype)
     for name, table in tables.items():
