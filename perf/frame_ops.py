@@ -117,7 +117,7 @@ def count_frame(model, nfe: int, dtype: torch.dtype, attention: str) -> dict[str
         "attention": attention,
         "per_stage": per_stage,
         "total": sum(per_stage.values()),
-        "top_ops": total.most_common(12),
+        "ops": dict(total.most_common()),
     }
 
 
@@ -142,7 +142,8 @@ def markdown(results: dict[str, object]) -> str:
         lines.append(f"| {row['nfe']} | {row['attention']} | {cells} | {frame} | {row['total']} |")
     lines += ["", "Most frequent operations:", ""]
     for row in rows:
-        ops = ", ".join(f"{name.removeprefix('aten.')} {n}" for name, n in row["top_ops"])
+        top = list(row["ops"].items())[:12]
+        ops = ", ".join(f"{name.removeprefix('aten.')} {n}" for name, n in top)
         lines.append(f"- NFE {row['nfe']}, {row['attention']} attention: {ops}")
     return "\n".join(lines) + "\n"
 

@@ -258,6 +258,23 @@ def test_triton_attention_in_the_frame_on_cpu(model, frames):
     np.testing.assert_allclose(kernel, reference, atol=1e-5, rtol=0)  # measured 8e-7
 
 
+def test_frame_ops_counts_every_stage(model, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "perf"))
+    frame_ops = pytest.importorskip("frame_ops")
+    counts = {
+        attention: frame_ops.count_frame(copy.deepcopy(model), 2, torch.float32, attention)
+        for attention in ("torch", "kernel")
+    }
+    stages = {"audio_step", "vision", "vision_step", "sampler", "vae_decode", "commit"}
+    assert all(set(c["per_stage"]) == stages and min(c["per_stage"].values()) > 0 for c in counts.values())
+    # the kernel stand-in replaces the torch attention of both transformer steps; nothing else changes
+    for stage in stages - {"audio_step", "vision_step"}:
+        assert counts["kernel"]["per_stage"][stage] == counts["torch"]["per_stage"][stage]
+    layers = model.config.transformer.n_layers
+    assert counts["kernel"]["ops"]["triton decode_attention"] == 2 * layers * 2  # 2 launches, 2 steps
+    assert counts["kernel"]["per_stage"]["audio_step"] < counts["torch"]["per_stage"]["audio_step"]
+
+
 def test_bench_dry_run(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "perf"))  # bench_gpu imports perf/common.py
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "perf" / "bench_gpu.py")
