@@ -76,9 +76,12 @@ def test_edm_preconditioning() -> None:
         f = head(c_in * x[b : b + 1], torch.tensor([math.log(tb) / 4]), z[b : b + 1])
         expected.append(c_skip * x[b] + c_out * f[0])
     torch.testing.assert_close(head.denoise(x, t, z), torch.stack(expected), atol=1e-5, rtol=1e-5)
-    # a Python float t equals the same t as a tensor
+    # a Python float t (what the samplers pass: scalings in float64 on the host) against the same table
+    for b, tb in enumerate(t.tolist()):
+        denoised = head.denoise(x[b : b + 1], tb, z[b : b + 1])[0]
+        torch.testing.assert_close(denoised, expected[b], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        head.denoise(x, 0.9, z), head.denoise(x, torch.full((3,), 0.9), z), atol=0, rtol=0
+        head.denoise(x, 0.9, z), head.denoise(x, torch.full((3,), 0.9), z), atol=1e-6, rtol=1e-6
     )
 
 

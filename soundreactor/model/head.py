@@ -25,6 +25,12 @@ def sinusoidal_embedding(c_noise: Tensor, dim: int) -> Tensor:
     return torch.cat((angles.cos(), angles.sin()), dim=-1)
 
 
+def edm_scalings(t: float | Tensor, sigma_data: float) -> tuple[float | Tensor, ...]:
+    """EDM's c_skip, c_out and c_in at noise level t (a float or a tensor)."""
+    norm = (t**2 + sigma_data**2) ** 0.5
+    return sigma_data**2 / norm**2, t * sigma_data / norm, 1 / norm
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
@@ -86,14 +92,15 @@ class DiffusionHead(nn.Module):
                 f"expected x [B, {self.latent_dim}] and z [B, {self.cond_dim}], "
                 f"got {tuple(x.shape)} and {tuple(z.shape)}"
             )
-        # Preconditioning runs in fp32 whatever the weights' dtype: in bf16, t = 24.4 would round to 24.375.
-        # new_full is a fill kernel (no host-to-device copy), so a float t stays CUDA-graph capturable.
-        t = x.new_full((x.shape[0],), t, dtype=torch.float32) if not isinstance(t, Tensor) else t.float()
-        t = t.expand(x.shape[0])
-        sigma_data = self.cfg.sigma_data
-        norm = (t**2 + sigma_data**2).sqrt()
-        c_skip = (sigma_data**2 / norm**2)[:, None]
-        c_out = (t * sigma_data / norm)[:, None]
-        c_in = (1 / norm)[:, None]
-        network = self((c_in * x.float()).to(x.dtype), t.log() / 4, z)
+        # Preconditioning runs in fp32 or better whatever the weights' dtype: in bf16, t = 24.4 would round to
+        # 24.375. A float t (every sampler step) gives Python scalars: no kernels, folded into the launches.
+        if isinstance(t, Tensor):
+            t = t.float().expand(x.shape[0])
+            c_skip, c_out, c_in = (c[:, None] for c in edm_scalings(t, self.cfg.sigma_data))
+            c_noise = t.log() / 4
+        else:
+            c_skip, c_out, c_in = edm_scalings(t, self.cfg.sigma_data)
+            # a fill kernel, no host-to-device copy: a float t stays CUDA-graph capturable
+            c_noise = x.new_full((x.shape[0],), math.log(t) / 4, dtype=torch.float32)
+        network = self((c_in * x.float()).to(x.dtype), c_noise, z)
         return (c_skip * x.float() + c_out * network.float()).to(x.dtype)
