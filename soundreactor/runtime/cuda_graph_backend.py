@@ -394,7 +394,7 @@ class GraphStreams(Streams):
         mask = self.prepare_mask
         with self._ring_guard((0,), mask):
             h_audio = self._audio_step()
-        self.h_audio.copy_(torch.where(mask[:, None], h_audio, self.h_audio))
+        torch.where(mask[:, None], h_audio, self.h_audio, out=self.h_audio)
 
     def _vision(self) -> tuple[Tensor, Tensor]:
         """v_i and the grid: resize and normalization in fp32, DINOv2 and the aggregator in the model dtype."""

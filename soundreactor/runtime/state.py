@@ -72,7 +72,8 @@ class StreamState:
         buffers that a CUDA graph captured keep their addresses."""
         olds, news = (self.prev_grid, self.prev_latent, *self.vae_state), (grid, latent, *vae_state)
         for old, new in zip(olds, news, strict=True):
-            old.copy_(torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old))
+            # out= the tensor read element by element: one kernel, no temporary
+            torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old, out=old)
         self.frame_index.add_(active.long())
 
     def clear(self, slots: Tensor) -> None:
