@@ -5,8 +5,8 @@
 Runs the functions `GraphStreams` captures (the audio step, the frame) on the meta device, which computes shapes
 and no values, and counts the aten operations that reach it, stage by stage. Views and allocations are not
 counted (no kernel); `F.rms_norm` and `F.scaled_dot_product_attention` count as one each, as on CUDA, where each
-is one fused kernel. With `--attention kernel` the torch attention is replaced by a stand-in that counts the two
-launches of the Triton decode-attention kernel. A count, not a timing: inside one CUDA graph a small kernel
+is one fused kernel. With `--kernels triton` the modules the Triton kernels replace (cached attention, the VAE's
+Snake activations) are stand-ins that count the kernels' launches. A count, not a timing: inside one CUDA graph a small kernel
 still costs a few microseconds, so at batch 1 the count times that floor is a lower bound on the frame's time.
 """
 
@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from soundreactor.model.soundreactor import init_model
+from soundreactor.model.vae import FoldedSnakeBeta
 from soundreactor.runtime.cuda_graph_backend import FRAME_STAGES, GraphStreams
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,7 +36,7 @@ NO_KERNEL = {  # allocations, and a view that its schema does not mark as one
     "aten.empty_strided.default",
     "aten._unsafe_view.default",
 }
-KERNEL_LAUNCHES = 2  # decode_attention: the window-slice kernel and the merge kernel
+ATTENTION_LAUNCHES = 2  # decode_attention: the window-slice kernel and the merge kernel
 # the stage that starts at each mark (GraphStreams marks the end of each stage)
 NEXT_STAGE = dict(zip(("frame_start", *FRAME_STAGES), (*FRAME_STAGES, "commit"), strict=True))
 
@@ -77,14 +78,21 @@ class FusedAsOne(TorchFunctionMode):
             self.counter.inside_fused -= 1
 
 
-def kernel_stand_in(counter: OpCounter):
-    """The Triton decode attention's footprint: its output shape and its two launches (it writes the cache)."""
+def use_stand_ins(streams: GraphStreams, counter: OpCounter) -> None:
+    """The Triton kernels' footprint where GraphStreams would route to them: output shapes and launches."""
 
     def attention(q, k_self, v_self, k_cache, v_cache, pos, cos, sin):
-        counter.add("triton decode_attention", KERNEL_LAUNCHES)
+        counter.add("triton decode_attention", ATTENTION_LAUNCHES)  # it also writes the cache
         return torch.empty_like(q)
 
-    return attention
+    def snake(x, alpha_exp, inv_beta):
+        counter.add("triton snake_beta")
+        return torch.empty_like(x)
+
+    streams.model.transformer.attention_fn = attention
+    for module in streams.model.vae.modules():
+        if isinstance(module, FoldedSnakeBeta):
+            module.fused = snake
 
 
 @contextmanager
@@ -97,12 +105,12 @@ def counting(streams: GraphStreams, counter: OpCounter) -> Iterator[None]:
         yield
 
 
-def count_frame(model, nfe: int, dtype: torch.dtype, attention: str) -> dict[str, object]:
+def count_frame(model, nfe: int, dtype: torch.dtype, kernels: str) -> dict[str, object]:
     model.configure_sampling(nfe=nfe, guidance=3.0)
     streams = GraphStreams(model, 1, 0, "meta", dtype, pipelined=True, use_triton=False)
     counter = OpCounter()
-    if attention == "kernel":
-        streams.model.transformer.attention_fn = kernel_stand_in(counter)
+    if kernels == "triton":
+        use_stand_ins(streams, counter)
     with counting(streams, counter):
         counter.stage = "audio_step"
         streams._prepare()
@@ -114,7 +122,7 @@ def count_frame(model, nfe: int, dtype: torch.dtype, attention: str) -> dict[str
         total.update(ops)
     return {
         "nfe": nfe,
-        "attention": attention,
+        "kernels": kernels,
         "per_stage": per_stage,
         "total": sum(per_stage.values()),
         "ops": dict(total.most_common()),
@@ -132,19 +140,19 @@ def markdown(results: dict[str, object]) -> str:
         "scaled-dot-product attention count once, as CUDA runs each as one kernel). A count, not a timing. "
         f"torch {results['machine']['torch']}.",
         "",
-        "| NFE | attention | " + " | ".join(stages) + " | frame (excl. audio step) | total |",
+        "| NFE | kernels | " + " | ".join(stages) + " | frame (excl. audio step) | total |",
         "|---|---|" + "---|" * (len(stages) + 2),
     ]
     for row in rows:
         per_stage = row["per_stage"]
         cells = " | ".join(str(per_stage.get(stage, 0)) for stage in stages)
         frame = row["total"] - per_stage.get("audio_step", 0)
-        lines.append(f"| {row['nfe']} | {row['attention']} | {cells} | {frame} | {row['total']} |")
+        lines.append(f"| {row['nfe']} | {row['kernels']} | {cells} | {frame} | {row['total']} |")
     lines += ["", "Most frequent operations:", ""]
     for row in rows:
         top = list(row["ops"].items())[:12]
         ops = ", ".join(f"{name.removeprefix('aten.')} {n}" for name, n in top)
-        lines.append(f"- NFE {row['nfe']}, {row['attention']} attention: {ops}")
+        lines.append(f"- NFE {row['nfe']}, {row['kernels']} kernels: {ops}")
     return "\n".join(lines) + "\n"
 
 
@@ -153,17 +161,17 @@ def main() -> None:
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--attention", nargs="+", choices=("torch", "kernel"), default=["torch", "kernel"])
+    parser.add_argument("--kernels", nargs="+", choices=("torch", "triton"), default=["torch", "triton"])
     parser.add_argument("--name", default="frame_ops", help="results file stem under perf/results/")
     args = parser.parse_args()
     started = time.perf_counter()
     model, _ = init_model(args.preset, seed=0, input_hw=(480, 854))
     counts = []
-    for attention in args.attention:
+    for kernels in args.kernels:
         for nfe in args.nfe:
-            counts.append(count_frame(model, nfe, DTYPES[args.dtype], attention))
+            counts.append(count_frame(model, nfe, DTYPES[args.dtype], kernels))
             row = counts[-1]
-            print(f"NFE {nfe}, {attention} attention: {row['total']} ops {row['per_stage']}", flush=True)
+            print(f"NFE {nfe}, {kernels} kernels: {row['total']} ops {row['per_stage']}", flush=True)
     results = {
         "machine": machine(),
         "preset": args.preset,

@@ -8,10 +8,12 @@
 #    interpreter, which the GPU runs must not use (set GPU_CHECK_TRITON_TESTS=1 to also run the Triton kernel
 #    tests that way; most of them need the interpreter and skip);
 # 3. the decode-attention kernel against the torch paths it replaces (perf/bench_kernels.py, a short sweep that
-#    also records each method's error against the reference: the kernel's correctness check on a real GPU);
+#    also records each method's error against the reference: the kernel's correctness check on a real GPU), and
+#    the Snake kernel against its torch path over one VAE frame (perf/bench_snake.py, errors recorded too);
 # 4. the GPU perf suite, perf/bench_gpu.py, in what is left of a 6-minute budget.
-# Everything lands in perf/results/gpu/: gpu_check.log, bench_gpu_<device>.json / .md and the PNG plots; when the
-# caller sets OUT to a folder (the device runner does), they are copied there too.
+# Everything lands in perf/results/gpu/: gpu_check.log, bench_gpu_<device>.json / .md, the PNG plots and the two
+# kernel benchmarks; when the caller sets OUT to a folder (the device runner does), they go there as one archive,
+# gpu_results.tgz, with the log and markdown reports beside it.
 # Missing modules (pytest and its dependencies, safetensors) are unpacked from the wheels in $GPU_CHECK_WHEELS
 # (default perf/wheels) when that folder exists.
 set -uo pipefail
@@ -25,7 +27,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 QUICK=()
 [[ "${1:-}" == "--quick" ]] && QUICK=(--quick)
-declare -A STATUS=([tests]=not-run [triton-tests]=not-run [kernels]=not-run [bench]=not-run)
+declare -A STATUS=([tests]=not-run [triton-tests]=not-run [kernels]=not-run [snake]=not-run [bench]=not-run)
 
 section() { printf '\n=== %s (t = %d s)\n' "$1" "$SECONDS"; }
 verdict() { if [[ $1 -eq 0 ]]; then echo pass; elif [[ $1 -eq 124 ]]; then echo timeout; else echo "FAIL ($1)"; fi; }
@@ -82,6 +84,10 @@ section "decode-attention kernel benchmark"
 timeout 60 "$PYTHON" perf/bench_kernels.py --windows 64,480,960 --batches 1,16,64 --iters 10 --out "$RESULTS"
 STATUS[kernels]=$(verdict $?)
 
+section "Snake activation kernel benchmark"
+timeout 40 "$PYTHON" perf/bench_snake.py --out "$RESULTS"
+STATUS[snake]=$(verdict $?)
+
 section "GPU perf suite"
 remaining=$((BUDGET_S - SECONDS))
 if ((remaining < 150)); then # slow tests: a quick suite rather than none
@@ -98,11 +104,12 @@ if [[ "${STATUS[bench]}" == timeout ]]; then # cut short: markdown and plots fro
 fi
 
 section summary
-for step in tests triton-tests kernels bench; do
+for step in tests triton-tests kernels snake bench; do
     printf '%-13s %s\n' "$step" "${STATUS[$step]}"
 done
 ls -l "$RESULTS"
-if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
-    cp -r "$RESULTS" "$OUT/" && echo "copied $RESULTS to $OUT"
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then # the runner returns at most 8 files: one archive, and the reports
+    tar czf "$OUT/gpu_results.tgz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" &&
+        cp "$RESULTS"/*.md "$RESULTS/gpu_check.log" "$OUT/" && echo "copied $RESULTS to $OUT (gpu_results.tgz)"
 fi
 [[ "${STATUS[tests]}" != FAIL* && "${STATUS[bench]}" == pass ]]

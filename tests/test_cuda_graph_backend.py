@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from soundreactor.model.soundreactor import init_model
+from soundreactor.model.vae import SnakeBeta
 from soundreactor.runtime.cuda_graph_backend import SWITCH, GraphStreams, graphs_enabled
 from soundreactor.runtime.session import FrameError, Session
 from soundreactor.runtime.torch_backend import TorchStreams
@@ -249,7 +250,7 @@ def kernels_interpreted() -> bool:
     return type(decode_attention._window_partial_kernel).__name__ == "InterpretedFunction"
 
 
-def test_triton_attention_in_the_frame_on_cpu(model, frames):
+def test_triton_kernels_in_the_frame_on_cpu(model, frames):
     if not kernels_interpreted():
         pytest.skip("Triton kernels were defined without TRITON_INTERPRET=1 (tests/conftest.py sets it)")
     # the interpreter costs ~1 s per frame: a few frames, with a reset, are enough to check the wiring
@@ -262,17 +263,20 @@ def test_frame_ops_counts_every_stage(model, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "perf"))
     frame_ops = pytest.importorskip("frame_ops")
     counts = {
-        attention: frame_ops.count_frame(copy.deepcopy(model), 2, torch.float32, attention)
-        for attention in ("torch", "kernel")
+        kernels: frame_ops.count_frame(copy.deepcopy(model), 2, torch.float32, kernels)
+        for kernels in ("torch", "triton")
     }
     stages = {"audio_step", "vision", "vision_step", "sampler", "vae_decode", "commit"}
     assert all(set(c["per_stage"]) == stages and min(c["per_stage"].values()) > 0 for c in counts.values())
-    # the kernel stand-in replaces the torch attention of both transformer steps; nothing else changes
-    for stage in stages - {"audio_step", "vision_step"}:
-        assert counts["kernel"]["per_stage"][stage] == counts["torch"]["per_stage"][stage]
+    # the stand-ins replace the attention of both transformer steps and the VAE's Snakes; nothing else changes
+    for stage in stages - {"audio_step", "vision_step", "vae_decode"}:
+        assert counts["triton"]["per_stage"][stage] == counts["torch"]["per_stage"][stage]
     layers = model.config.transformer.n_layers
-    assert counts["kernel"]["ops"]["triton decode_attention"] == 2 * layers * 2  # 2 launches, 2 steps
-    assert counts["kernel"]["per_stage"]["audio_step"] < counts["torch"]["per_stage"]["audio_step"]
+    snakes = sum(isinstance(m, SnakeBeta) for m in model.vae.decoder.modules())
+    ops = counts["triton"]["ops"]
+    assert ops["triton decode_attention"] == 2 * layers * 2 and ops["triton snake_beta"] == snakes
+    for stage in ("audio_step", "vae_decode"):
+        assert counts["triton"]["per_stage"][stage] < counts["torch"]["per_stage"][stage]
 
 
 def test_bench_dry_run(tmp_path, monkeypatch):
@@ -323,7 +327,7 @@ def test_cuda_step_device_equals_step(model, frames):
 
 @cuda
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_cuda_triton_attention_matches_torch_attention(model, frames, dtype, tolerance):
+def test_cuda_triton_kernels_match_the_torch_paths(model, frames, dtype, tolerance):
     if kernels_interpreted():
         pytest.skip("kernels defined under TRITON_INTERPRET=1 cannot be captured: run with --noconftest")
     kernel = run(GraphStreams(model, SLOTS, 10, "cuda", dtype, use_triton=True), frames)

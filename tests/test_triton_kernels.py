@@ -1,4 +1,5 @@
-"""Triton kernels against the torch reference, run by the Triton interpreter on CPU tensors.
+"""Triton kernels against the torch reference, run by the Triton interpreter on CPU tensors: decode attention
+here, the Snake activation in test_snake_kernel.py; the sm_90 compile of both here.
 
 tests/conftest.py sets TRITON_INTERPRET=1 before any kernel is defined. The ahead-of-time compile for sm_90
 needs the real JIT, so it runs in a subprocess without the interpreter (this file's __main__).
@@ -25,6 +26,7 @@ from soundreactor.triton_kernels import kernels_enabled
 triton = pytest.importorskip("triton")
 
 from soundreactor.triton_kernels import decode_attention as attention_kernel  # noqa: E402
+from soundreactor.triton_kernels import snake as snake_kernel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_WINDOW, PAPER_HEADS, PAPER_HEAD_DIM = 480, 16, 64
@@ -215,13 +217,17 @@ def test_bench_dry_run(tmp_path, monkeypatch):
 
 # ---- ahead-of-time compile for H100 (sm_90), in a subprocess with the real JIT ----
 
-POINTER_TYPES = {"pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+# pointers that are not in the activation dtype
+POINTER_TYPES = {"pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "alpha_ptr": "*fp32"}
+POINTER_TYPES |= {"inv_beta_ptr": "*fp32"}
 # (queries, stream slots, dtype) of the paper preset's launches: audio slot, guided slot, a full batch
 PAPER_LAUNCHES = [(1, 1, "bf16"), (2, 1, "bf16"), (2, 64, "bf16"), (2, 1, "fp16"), (2, 1, "fp32")]
+# sample counts of the paper VAE decoder's Snake activations in one frame (1 latent -> 1600 samples)
+PAPER_SNAKE_LENGTHS = (1, 8, 40, 200, 800, 1600)
 
 
 def aot_variants() -> list[tuple[str, str, dict[str, int]]]:
-    """(kernel, dtype, constexprs) as decode_attention launches them for the paper preset."""
+    """(kernel, dtype, constexprs) as the runtime launches them for the paper preset."""
     variants = []
     for n_q, batch, dtype in PAPER_LAUNCHES:
         block_n = attention_kernel.default_block_n(n_q, PAPER_HEAD_DIM)
@@ -229,6 +235,10 @@ def aot_variants() -> list[tuple[str, str, dict[str, int]]]:
         shape = dict(WINDOW=PAPER_WINDOW, HEAD_DIM=PAPER_HEAD_DIM, GROUP=1, N_ROWS=n_q, BLOCK_M=n_q)
         tiles = {"BLOCK_N": block_n, "SPLIT_SIZE": split_size}
         variants += [("_window_partial_kernel", dtype, shape | tiles), ("_merge_kernel", dtype, shape)]
+    for length in PAPER_SNAKE_LENGTHS:
+        block_r, block_t = snake_kernel.tile_shape(length)
+        for dtype in ("bf16", "fp16", "fp32") if length == 1600 else ("bf16",):
+            variants.append(("_snake_kernel", dtype, {"BLOCK_R": block_r, "BLOCK_T": block_t}))
     return variants
 
 
@@ -236,7 +246,8 @@ def compile_for_sm90(name: str, dtype: str, constexprs: dict[str, int]) -> dict[
     """Compile one kernel for H100; returns its shared memory and ptxas's register and spill counts."""
     from triton.backends.compiler import GPUTarget
 
-    kernel, warps = getattr(attention_kernel, name), attention_kernel.NUM_WARPS
+    module = snake_kernel if name == "_snake_kernel" else attention_kernel
+    kernel, warps = getattr(module, name), module.NUM_WARPS
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:
@@ -269,6 +280,7 @@ def test_kernels_compile_for_h100():
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(results) == len(aot_variants())
+    assert {r["kernel"] for r in results} == {"_window_partial_kernel", "_merge_kernel", "_snake_kernel"}
     for result in results:
         assert result["shared"] <= H100_SHARED_BYTES, result
         assert result["registers"] > 0 and result["spill_bytes"] == 0, result

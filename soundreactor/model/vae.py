@@ -13,7 +13,7 @@ value-dependent branches), which is what ONNX export and CUDA-graph capture need
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -54,8 +54,12 @@ class FoldedSnakeBeta(nn.Module):
         alpha, beta = snake.alpha.detach().float(), snake.beta.detach().float()
         self.register_buffer("alpha_exp", alpha.exp()[:, None])
         self.register_buffer("inv_beta", torch.reciprocal(beta.exp() + 1e-9)[:, None])
+        # (x, alpha_exp, inv_beta) -> y: a fused kernel a runtime may set (triton_kernels.snake.snake_beta)
+        self.fused: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused is not None:
+            return self.fused(x.contiguous(), self.alpha_exp, self.inv_beta)
         return torch.addcmul(x, self.inv_beta, torch.sin(self.alpha_exp * x).square())
 
     def stream(self, x: Tensor, states: Iterator[Tensor], new_states: list[Tensor]) -> Tensor:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from soundreactor.model.soundreactor import SoundReactor
-from soundreactor.model.vae import fold_snakes
+from soundreactor.model.vae import FoldedSnakeBeta, fold_snakes
 from soundreactor.runtime.session import Streams, check_active, check_frames
 from soundreactor.runtime.state import StreamState
 from soundreactor.triton_kernels import kernels_enabled
@@ -186,7 +186,8 @@ class GraphStreams(Streams):
 
     dtype: weights, activations and state (fp32, fp16 or bf16); norm statistics, softmax and RoPE stay fp32.
     pipelined: run each slot's next audio-slot step right after its frame (identical results, lower latency).
-    use_triton: route the transformer's cached attention to the fused Triton kernel; None = `kernels_enabled`.
+    use_triton: route the transformer's cached attention and the VAE's Snake activations to the Triton kernels;
+        None = `kernels_enabled`.
     graphs: capture CUDA graphs; None = on CUDA unless SOUNDREACTOR_CUDA_GRAPHS=0; False runs eagerly.
     timing: record stage marks; after each `step`, `timings` holds that frame's milliseconds per stage and
         token_level / waveform_level (from x_(i-1) to x_i sampled / decoded, audio step included) and
@@ -214,9 +215,7 @@ class GraphStreams(Streams):
         self.use_triton = kernels_enabled(self.device) if use_triton is None else use_triton
         self.model = cast_model(model, self.device, dtype)
         if self.use_triton:
-            from soundreactor.triton_kernels.decode_attention import decode_attention
-
-            self.model.transformer.attention_fn = decode_attention
+            self._use_kernels()
         cfg = self.model.config
         self.slots, self.dtype, self.pipelined = slots, dtype, pipelined
         self.frame_hw = model.input_hw
@@ -305,6 +304,16 @@ class GraphStreams(Streams):
         self.unprepared[chosen] = True
         for s in range(self.slots) if slot is None else [slot]:
             self.state.noise.reset(s)
+
+    def _use_kernels(self) -> None:
+        """Route the transformer's cached attention and the VAE's Snake activations to the Triton kernels."""
+        from soundreactor.triton_kernels.decode_attention import decode_attention
+        from soundreactor.triton_kernels.snake import snake_beta
+
+        self.model.transformer.attention_fn = decode_attention
+        for module in self.model.vae.modules():
+            if isinstance(module, FoldedSnakeBeta):
+                module.fused = snake_beta
 
     # ---- host side of a step -------------------------------------------------------------------------------
 
