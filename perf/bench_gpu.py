@@ -5,10 +5,11 @@
     python3 perf/bench_gpu.py --replot RESULTS.json   # markdown and plots again (e.g. where matplotlib is)
 
 1. Latency, one stream, pipelined, NFE 1/2/4 at guidance 3, for three variants of the same frame function:
-   eager PyTorch, one CUDA graph per frame, and the graph with the Triton decode-attention kernel. Token-level
-   and waveform-level latency (SPEC section 6) and frame-arrival-to-audio latency come from CUDA events around
-   and inside the captured graphs (the per-stage split too); `host_step` is the wall time of `step()`. The device
-   is idle when a frame arrives, as at 30 fps, so the audio step of the pipelined frame has already run.
+   eager PyTorch, one CUDA graph per frame, and the graph with the Triton kernels (decode attention, Snake).
+   Token-level and waveform-level latency (SPEC section 6) and frame-arrival-to-audio latency come from CUDA
+   events around and inside the captured graphs (the per-stage split too); `host_step` is the wall time of
+   `step()`. The device is idle when a frame arrives, as at 30 fps, so the audio step of the pipelined frame
+   has already run.
 2. Slots sweep (1, 2, 4, ..., 256) at one NFE: steps back to back, wall time per step including the frame
    upload, the replays, the audio download and host work; the largest slot count with p99 under 33.3 ms, and
    the throughput in stream-frames per second.

@@ -1,4 +1,4 @@
-"""Triton kernels for the per-frame step on CUDA; `model.attention` stays the reference and the CPU path.
+"""Triton kernels for the per-frame step on CUDA; the model modules stay the reference and the CPU path.
 
 Set SOUNDREACTOR_TRITON=0 to turn the kernels off. Triton is imported only by the kernel modules and by
 `kernels_enabled` on a CUDA device, so `import soundreactor` works where triton is missing.
