@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -5,7 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from soundreactor.config import DinoConfig, paper, tiny
-from soundreactor.model.dinov2 import DinoV2, interpolate_pos_embed, official_key_shapes
+from soundreactor.model.dinov2 import (
+    DinoV2,
+    LayerScale,
+    fold_layer_scales,
+    interpolate_pos_embed,
+    official_key_shapes,
+)
 
 
 def spec_key_shapes(dim: int, depth: int, registers: int, patch: int, pos_grid: int) -> dict[str, tuple]:
@@ -147,6 +154,18 @@ def test_matches_manual_forward():
     expected = manual_dinov2(sd, cfg.dinov2, x)
     assert got.shape == (2, *cfg.grid_hw, cfg.dinov2.dim)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)  # fp32, outputs are O(1) after the norm
+
+
+def test_folded_layer_scales_give_the_same_tokens():
+    cfg = tiny()
+    model = DinoV2(cfg.dinov2, cfg.grid_hw).eval()
+    model.load_state_dict(random_state_dict(seed=4))  # gammas around 0 +- 0.5, not the 1e-5 init
+    folded = copy.deepcopy(model)
+    fold_layer_scales(folded)
+    assert not any(isinstance(m, LayerScale) for m in folded.modules())
+    x = torch.randn(2, 3, *cfg.vision_hw, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-5)  # fp32: rounding order only
 
 
 def test_rejects_wrong_input_size():

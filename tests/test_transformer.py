@@ -11,8 +11,10 @@ from soundreactor.config import TransformerConfig, tiny
 from soundreactor.model import attention
 from soundreactor.model.transformer import (
     CausalTransformer,
+    FeedForward,
     KVCache,
     audio_position,
+    fuse_feed_forwards,
     interleave,
     vision_position,
 )
@@ -180,6 +182,24 @@ def test_grouped_query_attention_streams_like_offline() -> None:
         [model.step(tokens[:, t : t + 1], cache, torch.tensor([t])) for t in range(24)], dim=1
     )
     torch.testing.assert_close(streamed, model.forward_offline(tokens), atol=STATE_TOL, rtol=0)
+
+
+def test_fused_feed_forwards_step_the_same() -> None:
+    cfg = tiny().transformer
+    model = make_model(cfg, seed=6)
+    fused = make_model(cfg, seed=6)
+    fuse_feed_forwards(fused)
+    assert not any(isinstance(m, FeedForward) for m in fused.modules())
+    caches = [KVCache(cfg, 2), KVCache(cfg, 2)]
+    tokens = torch.randn(2, 1, cfg.d_model, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for frame in range(3):
+            pos = torch.full((2,), 2 * frame)
+            out, fused_out = (
+                m.step(tokens + frame, c, pos) for m, c in zip((model, fused), caches, strict=True)
+            )
+            torch.testing.assert_close(fused_out, out, rtol=0, atol=1e-5)  # the same sums, one matmul
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=0, atol=1e-5)
 
 
 def test_cache_reset_clears_only_given_slots() -> None:

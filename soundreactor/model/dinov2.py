@@ -88,6 +88,19 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+@torch.no_grad()
+def fold_layer_scales(module: nn.Module) -> None:
+    """For inference copies: scale each block's attention projection and fc2 by its LayerScale gamma and drop
+    the multiply (one kernel per branch a frame). In place; later edits of the gammas are not seen."""
+    for block in module.modules():
+        if not isinstance(block, Block) or not isinstance(block.ls1, LayerScale):
+            continue
+        for linear, scale in ((block.attn.proj, block.ls1), (block.mlp.fc2, block.ls2)):
+            linear.weight.mul_(scale.gamma[:, None])
+            linear.bias.mul_(scale.gamma)
+        block.ls1, block.ls2 = nn.Identity(), nn.Identity()
+
+
 def _refresh_after_load(module: DinoV2, incompatible_keys: object) -> None:
     module.refresh_pos_embed()
 

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from soundreactor.model.dinov2 import fold_layer_scales
 from soundreactor.model.soundreactor import SoundReactor
+from soundreactor.model.transformer import fuse_feed_forwards
 from soundreactor.model.vae import FoldedSnakeBeta, fold_snakes
 from soundreactor.runtime.session import Streams, check_active, check_frames
 from soundreactor.runtime.state import StreamState
@@ -63,13 +65,16 @@ def graphs_enabled(device: torch.device | str) -> bool:
 def cast_model(model: SoundReactor, device: torch.device, dtype: torch.dtype) -> SoundReactor:
     """A frozen copy of `model` on `device` with weights in `dtype`; the FP32_BUFFERS tables stay fp32.
 
-    RMSNorm, LayerNorm and softmax accumulate in fp32 in torch's kernels. The VAE's Snake scales are folded
-    from their log-scale parameters in fp32 before the cast (`fold_snakes`).
+    RMSNorm, LayerNorm and softmax accumulate in fp32 in torch's kernels. Weight-only work is folded in fp32
+    before the cast, so no frame repeats it: the VAE's Snake scales, DINOv2's LayerScale gammas, and the
+    transformer's two SwiGLU input projections stacked into one matmul.
     """
     if dtype not in DTYPES:
         raise TypeError(f"dtype must be one of {DTYPES}, got {dtype}")
     model = copy.deepcopy(model).to(device)
     fold_snakes(model.vae)
+    fold_layer_scales(model.vision)
+    fuse_feed_forwards(model.transformer)
     tables = {name: b.float() for name, b in model.named_buffers() if name in FP32_BUFFERS}
     model.to(dtype)
     for name, table in tables.items():
