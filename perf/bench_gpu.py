@@ -68,11 +68,11 @@ def variant_args(variant: str, device: torch.device) -> dict[str, bool]:
 
 
 def latency_run(
-    model, nfe: int, variant: str, frames: int, warmup: int, dtype, device, video: np.ndarray
+    model, nfe: int, variant: str, frames: int, warmup: int, precision, device, video: np.ndarray
 ) -> dict[str, object]:
     model.configure_sampling(nfe=nfe, guidance=3.0)
     streams = GraphStreams(
-        model, 1, 0, device, dtype, pipelined=True, timing=True, **variant_args(variant, device)
+        model, 1, 0, device, **precision, pipelined=True, timing=True, **variant_args(variant, device)
     )
     samples: dict[str, list[float]] = {k: [] for k in (*LATENCIES, *STAGES)}
     for i in range(warmup + frames):
@@ -94,11 +94,13 @@ def latency_run(
 
 
 def sweep_point(
-    model, slots: int, frames: int, warmup: int, variant: str, dtype, device
+    model, slots: int, frames: int, warmup: int, variant: str, precision, device
 ) -> dict[str, object]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak then covers state, graphs and the model copies
-    streams = GraphStreams(model, slots, 0, device, dtype, pipelined=True, **variant_args(variant, device))
+    streams = GraphStreams(
+        model, slots, 0, device, **precision, pipelined=True, **variant_args(variant, device)
+    )
     rng = np.random.default_rng(slots)
     # written once into the pinned staging buffer: every step still uploads all B frames, without a host copy
     pattern = rng.integers(0, 256, (min(slots, 4), *streams.frame_hw, 3), dtype=np.uint8)
@@ -185,7 +187,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, object]:
     device = torch.device("cpu" if args.dry_run else "cuda")
     deadline = time.perf_counter() + args.budget_s
     preset, frame_hw = ("tiny", DRY_FRAME_HW) if args.dry_run else ("paper", FRAME_HW)
-    dtype = DTYPES[args.dtype]
+    vae_dtype = args.vae_dtype
+    precision = {"dtype": DTYPES[args.dtype], "vae_dtype": DTYPES[vae_dtype]}
     info = environment(device, args.dry_run)
     results: dict[str, object] = {
         "machine": info,
@@ -193,6 +196,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, object]:
         "preset": preset,
         "frame_hw": frame_hw,
         "dtype": args.dtype,
+        "vae_dtype": vae_dtype,
         "guidance": 3.0,
         "latency": {},
         "sweep": {"nfe": args.sweep_nfe, "points": []},
@@ -203,7 +207,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, object]:
     )
     built = time.perf_counter()
     model, _ = init_model(preset, seed=0, input_hw=frame_hw)
-    model = cast_model(model, device, dtype)  # one device copy; each GraphStreams copies it again
+    model = cast_model(model, device, **precision)  # one device copy; each GraphStreams copies it again
     print(f"model built in {time.perf_counter() - built:.1f} s", flush=True)
     video = np.random.default_rng(0).integers(0, 256, (16, *frame_hw, 3), dtype=np.uint8)
 
@@ -216,7 +220,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, object]:
             continue
         frames = args.eager_frames if variant == "eager" else args.frames
         results["latency"][f"{nfe}/{variant}"] = attempt(
-            label, latency_run, model, nfe, variant, frames, args.warmup, dtype, device, video
+            label, latency_run, model, nfe, variant, frames, args.warmup, precision, device, video
         )
         save_json(path, results)
 
@@ -227,7 +231,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, object]:
         if time.perf_counter() > deadline:
             results["sweep"]["stopped"] = f"time budget spent before {slots} slots"
             break
-        sweep_args = (model, slots, args.sweep_frames, args.warmup, variant, dtype, device)
+        sweep_args = (model, slots, args.sweep_frames, args.warmup, variant, precision, device)
         point = attempt(f"sweep {slots} slots", sweep_point, *sweep_args)
         results["sweep"]["points"].append({"slots": slots, **point})
         save_json(path, results)
@@ -267,7 +271,7 @@ def markdown(results: dict[str, object]) -> str:
         "",
         f"Device {info['device']}, torch {info['torch']}, CUDA {info['cuda']}, triton {info['triton']}, "
         f"Python {info['python']}. Preset `{results['preset']}` with random weights, frames "
-        f"{results['frame_hw'][0]}x{results['frame_hw'][1]}, {results['dtype']}, guidance {results['guidance']}, "
+        f"{results['frame_hw'][0]}x{results['frame_hw'][1]}, {results['dtype']} (VAE {results.get('vae_dtype', results['dtype'])}), guidance {results['guidance']}, "
         "one stream, pipelined (the audio step of frame i+1 runs right after frame i).",
         "",
         "## Latency (ms, p50 / p90 / p99)",
@@ -444,6 +448,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting new runs after this")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument(
+        "--vae-dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="VAE decoder dtype (as `soundreactor run`)",
+    )
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4], choices=(1, 2, 4))
     parser.add_argument("--sweep-nfe", type=int, default=4, choices=(1, 2, 4))
     parser.add_argument("--slots", type=int, nargs="+", default=[2**k for k in range(9)])

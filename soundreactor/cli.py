@@ -50,8 +50,11 @@ def _session(args: argparse.Namespace):
         return Session(TorchStreams(model, seed=args.seed, device=args.device))
     from soundreactor.runtime.cuda_graph_backend import GraphStreams
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    return Session(GraphStreams(model, seed=args.seed, device=args.device, dtype=dtype))
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    streams = GraphStreams(
+        model, seed=args.seed, device=args.device, dtype=dtypes[args.dtype], vae_dtype=dtypes[args.vae_dtype]
+    )
+    return Session(streams)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -122,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--engines", metavar="DIR", help="export directory (onnxruntime, tensorrt backends)")
     run.add_argument("--providers", default="cpu", help="onnxruntime providers, e.g. cuda,cpu")
     run.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="bf16", help="cuda-graph precision")
+    run.add_argument(
+        "--vae-dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="cuda-graph VAE decoder precision (bf16 costs audio accuracy: README, Many streams on one GPU)",
+    )
     run.add_argument("--out", required=True, help="output WAV (48 kHz stereo)")
     run.add_argument("--mux", help="also write a copy of the video with the audio muxed in")
     run.add_argument("--nfe", type=int, choices=(1, 2, 4))

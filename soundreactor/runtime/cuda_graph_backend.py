@@ -62,21 +62,27 @@ def graphs_enabled(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and not off
 
 
-def cast_model(model: SoundReactor, device: torch.device, dtype: torch.dtype) -> SoundReactor:
-    """A frozen copy of `model` on `device` with weights in `dtype`; the FP32_BUFFERS tables stay fp32.
+def cast_model(
+    model: SoundReactor, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype | None = None
+) -> SoundReactor:
+    """A frozen copy of `model` on `device` with weights in `dtype` (the VAE in `vae_dtype`, default `dtype`);
+    the FP32_BUFFERS tables stay fp32.
 
     RMSNorm, LayerNorm and softmax accumulate in fp32 in torch's kernels. Weight-only work is folded in fp32
     before the cast, so no frame repeats it: the VAE's Snake scales, DINOv2's LayerScale gammas, and the
     transformer's two SwiGLU input projections stacked into one matmul.
     """
-    if dtype not in DTYPES:
-        raise TypeError(f"dtype must be one of {DTYPES}, got {dtype}")
+    vae_dtype = vae_dtype or dtype
+    for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
+        if value not in DTYPES:
+            raise TypeError(f"{name} must be one of {DTYPES}, got {value}")
     model = copy.deepcopy(model).to(device)
     fold_snakes(model.vae)
     fold_layer_scales(model.vision)
     fuse_feed_forwards(model.transformer)
     tables = {name: b.float() for name, b in model.named_buffers() if name in FP32_BUFFERS}
     model.to(dtype)
+    model.vae.to(vae_dtype)
     for name, table in tables.items():
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, table)
@@ -190,6 +196,9 @@ class GraphStreams(Streams):
     `TorchStreams` frame for frame, with the same seeded per-slot noise.
 
     dtype: weights, activations and state (fp32, fp16 or bf16); norm statistics, softmax and RoPE stay fp32.
+    vae_dtype: the VAE decoder's weights, activations and state; None = `dtype`. A bf16 decoder is the least
+        accurate stage (its error grows with the Snake frequencies: see the tests), so a bf16 model may keep it
+        fp16 or fp32.
     pipelined: run each slot's next audio-slot step right after its frame (identical results, lower latency).
     use_triton: route the transformer's cached attention and the VAE's Snake activations to the Triton kernels;
         None = `kernels_enabled`.
@@ -207,6 +216,7 @@ class GraphStreams(Streams):
         device: str | torch.device = "cuda",
         dtype: torch.dtype = torch.float32,
         *,
+        vae_dtype: torch.dtype | None = None,
         pipelined: bool = True,
         use_triton: bool | None = None,
         graphs: bool | None = None,
@@ -218,7 +228,7 @@ class GraphStreams(Streams):
         if self.graphs and not on_cuda:
             raise ValueError(f"CUDA graphs need a CUDA device, got {self.device}; pass graphs=None or False")
         self.use_triton = kernels_enabled(self.device) if use_triton is None else use_triton
-        self.model = cast_model(model, self.device, dtype)
+        self.model = cast_model(model, self.device, dtype, vae_dtype)
         if self.use_triton:
             self._use_kernels()
         cfg = self.model.config
@@ -430,7 +440,7 @@ class GraphStreams(Streams):
             self._mark("vision_step")
             latent = model.sample_latent(self.h_audio, h_vision, self.noise.buffer.to(self.dtype))
             self._mark("sampler")
-            audio, vae_state = model.vae.decoder.step(latent, s.vae_state)
+            audio, vae_state = model.vae.decoder.step(latent.to(s.vae_state[0].dtype), s.vae_state)
             self._mark("vae_decode")
         s.commit(active, grid, latent, vae_state)
         self.audio.buffer.copy_(torch.where(active[:, None, None], audio, 0.0))

@@ -32,7 +32,7 @@ class StreamState:
         return cls(
             cache=KVCache(cfg.transformer, slots, device, dtype),
             prev_grid=torch.zeros(slots, *cfg.grid_hw, cfg.dinov2.dim, device=device, dtype=dtype),
-            vae_state=model.vae.decoder.init_state(slots, device, dtype),
+            vae_state=model.vae.decoder.init_state(slots, device, next(model.vae.parameters()).dtype),
             prev_latent=torch.zeros(slots, cfg.vae.latent_dim, device=device, dtype=dtype),
             frame_index=torch.zeros(slots, dtype=torch.long, device=device),
             noise=NoiseSource(seeds, model.noise_shape()),
