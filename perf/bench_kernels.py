@@ -246,11 +246,23 @@ def write_results(rows: list[dict], args: argparse.Namespace, device_name: str, 
         f"{device_name}, {bandwidth}; torch {torch.__version__}, triton {triton_version}, {args.dtype}, "
         f"{args.layers} layers per timed unit"
     )
-    tag = "dryrun" if args.dry_run else re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"bench_kernels_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / f"bench_kernels_{tag}.md").write_text(markdown(rows, header))
-    print(f"wrote {args.out}/bench_kernels_{tag}.json and .md")
+    save_report(
+        args.out,
+        "bench_kernels",
+        device_name,
+        args.dry_run,
+        {"meta": meta, "rows": rows},
+        markdown(rows, header),
+    )
+
+
+def save_report(out: Path, name: str, device_name: str, dry_run: bool, results: dict, report: str) -> None:
+    """<out>/<name>_<device>.json and .md (`dryrun` in place of the device for --dry-run)."""
+    tag = "dryrun" if dry_run else re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}_{tag}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}_{tag}.md").write_text(report)
+    print(f"wrote {out}/{name}_{tag}.json and .md")
 
 
 def main(argv: list[str] | None = None) -> int:

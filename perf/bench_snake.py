@@ -15,14 +15,12 @@ each activation. The error column is the largest deviation from fp32 math on the
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 from pathlib import Path
 
 import torch
-from bench_kernels import capture_graph, peak_bandwidth, seconds_per_unit
+from bench_kernels import capture_graph, peak_bandwidth, save_report, seconds_per_unit
 from torch import Tensor
 
 from soundreactor.config import paper, tiny
@@ -151,11 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{device_name}; torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
         f"{args.preset} preset, {args.iters} timed frames"
     )
-    tag = "dryrun" if args.dry_run else re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"bench_snake_{tag}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
-    (args.out / f"bench_snake_{tag}.md").write_text(markdown(rows, header))
-    print(f"wrote {args.out}/bench_snake_{tag}.json and .md")
+    results = {"header": header, "rows": rows}
+    save_report(args.out, "bench_snake", device_name, args.dry_run, results, markdown(rows, header))
     return 0
 
 
