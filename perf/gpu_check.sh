@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one go, from the repo root on the GPU machine (its own python3, no network):
 #
-#     PYTHONPATH=. bash perf/gpu_check.sh [--quick]
+#     PYTHONPATH=. bash perf/gpu_check.sh [--quick] [--dry-run]
 #
 # 1. environment: nvidia-smi, Python / torch / triton / CUDA versions, which optional modules import;
 # 2. the CUDA-graph backend tests, CUDA ones included, with --noconftest: tests/conftest.py turns on the Triton
@@ -15,18 +15,27 @@
 # kernel benchmarks; when the caller sets OUT to a folder (the device runner does), they go there as one archive,
 # gpu_results.tgz, with the log and markdown reports beside it.
 # Missing modules (pytest and its dependencies, safetensors) are unpacked from the wheels in $GPU_CHECK_WHEELS
-# (default perf/wheels) when that folder exists.
+# (default perf/wheels) when that folder exists. --dry-run runs the same steps on CPU with each benchmark's
+# --dry-run (tiny shapes; the tests are left to CI), to check the script itself; GPU_CHECK_RESULTS moves the
+# results folder.
 set -uo pipefail
 
 BUDGET_S=345 # of 360 s: the summary and the copy need a few seconds
-RESULTS=perf/results/gpu
+RESULTS=${GPU_CHECK_RESULTS:-perf/results/gpu}
 mkdir -p "$RESULTS"
 exec > >(tee "$RESULTS/gpu_check.log") 2>&1
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 QUICK=()
-[[ "${1:-}" == "--quick" ]] && QUICK=(--quick)
+DRY=()
+for arg in "$@"; do
+    case "$arg" in
+    --quick) QUICK=(--quick) ;;
+    --dry-run) DRY=(--dry-run) ;;
+    *) echo "unknown argument $arg: use --quick and/or --dry-run" && exit 2 ;;
+    esac
+done
 declare -A STATUS=([tests]=not-run [triton-tests]=not-run [kernels]=not-run [snake]=not-run [bench]=not-run)
 
 section() { printf '\n=== %s (t = %d s)\n' "$1" "$SECONDS"; }
@@ -62,13 +71,15 @@ for name in ("triton", "numpy", "safetensors", "pytest", "matplotlib", "soundfil
     except ImportError as err:
         print(f"{name} MISSING ({err})")
 EOF
-if ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-    echo "CUDA is not available here: nothing to check (perf/bench_gpu.py --dry-run checks the code path on CPU)"
+if ((${#DRY[@]} == 0)) && ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "CUDA is not available here: nothing to check (--dry-run runs the steps on CPU)"
     exit 1
 fi
 
 section "CUDA-graph backend tests (CPU ones too)"
-if "$PYTHON" -c "import pytest" 2>/dev/null; then
+if ((${#DRY[@]})); then
+    echo "dry run: the tests are CI's"
+elif "$PYTHON" -c "import pytest" 2>/dev/null; then
     timeout 150 "$PYTHON" -m pytest -q -rA -p no:cacheprovider --noconftest tests/test_cuda_graph_backend.py
     STATUS[tests]=$(verdict $?)
     if [[ "${GPU_CHECK_TRITON_TESTS:-0}" == 1 ]]; then
@@ -81,11 +92,11 @@ else
 fi
 
 section "decode-attention kernel benchmark"
-timeout 60 "$PYTHON" perf/bench_kernels.py --windows 64,480,960 --batches 1,16,64 --iters 10 --out "$RESULTS"
+timeout 60 "$PYTHON" perf/bench_kernels.py --windows 64,480,960 --batches 1,16,64 --iters 10 --out "$RESULTS" "${DRY[@]}"
 STATUS[kernels]=$(verdict $?)
 
 section "Snake activation kernel benchmark"
-timeout 40 "$PYTHON" perf/bench_snake.py --out "$RESULTS"
+timeout 40 "$PYTHON" perf/bench_snake.py --out "$RESULTS" "${DRY[@]}"
 STATUS[snake]=$(verdict $?)
 
 section "GPU perf suite"
@@ -95,7 +106,7 @@ if ((remaining < 150)); then # slow tests: a quick suite rather than none
     remaining=150
 fi
 # the suite starts no new measurement past --budget-s; the timeout is the hard stop (its JSON is kept up to date)
-timeout "$remaining" "$PYTHON" perf/bench_gpu.py "${QUICK[@]}" --budget-s $((remaining - 45)) --out "$RESULTS"
+timeout "$remaining" "$PYTHON" perf/bench_gpu.py "${QUICK[@]}" "${DRY[@]}" --budget-s $((remaining - 45)) --out "$RESULTS"
 STATUS[bench]=$(verdict $?)
 if [[ "${STATUS[bench]}" == timeout ]]; then # cut short: markdown and plots from the JSON it kept
     for json in "$RESULTS"/bench_gpu_*.json; do
