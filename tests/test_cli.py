@@ -36,6 +36,25 @@ def test_init_then_run(tmp_path, capsys):
     assert (tmp_path / "muxed.mp4").stat().st_size > 0
 
 
+def test_run_on_the_cuda_graph_backend_matches_torch(tmp_path):
+    """--backend cuda-graph runs eagerly off CUDA (same buffer logic); in fp32 it equals the torch backend."""
+    checkpoint = tmp_path / "tiny.safetensors"
+    assert main(["init", "--preset", "tiny", "--seed", "6", "--out", str(checkpoint)]) == 0
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.4, size=(64, 112), seed=7)
+    common = ["run", "--video", str(video), "--checkpoint", str(checkpoint), "--nfe", "2", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "torch.wav")]) == 0
+    graph = [*common, "--backend", "cuda-graph", "--dtype", "fp32", "--vae-dtype", "fp32"]
+    assert main([*graph, "--out", str(tmp_path / "graph.wav")]) == 0
+    reference = soundfile.read(tmp_path / "torch.wav")[0]
+    np.testing.assert_allclose(soundfile.read(tmp_path / "graph.wav")[0], reference, atol=1e-5)
+    assert np.abs(reference).max() > 1e-3
+    assert (
+        main([*common, "--backend", "cuda-graph", "--out", str(tmp_path / "bf16.wav")]) == 0
+    )  # the defaults
+    bf16 = soundfile.read(tmp_path / "bf16.wav")[0]
+    assert np.abs(bf16 - reference).max() < 3e-2 * np.abs(reference).max()
+
+
 def test_errors_name_the_problem(tmp_path, capsys):
     assert main(["run", "--video", str(tmp_path / "missing.mp4"), "--checkpoint", "x", "--out", "y.wav"]) == 2
     assert "video file not found" in capsys.readouterr().err
