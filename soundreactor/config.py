@@ -36,6 +36,7 @@ class VideoTokenConfig:
     heads: int = 6
     mlp_ratio: int = 4
     downsample: int = 2  # kernel and stride of the spatial downsampling conv
+    eps: float = 1e-5  # LayerNorm epsilon of its blocks and final norm (SPEC is silent: torch's default)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from soundreactor.config import tiny
+from soundreactor.config import ModelConfig, tiny
 from soundreactor.model.frames import FramePreprocess, resize_matrix
 from soundreactor.model.video_tokens import VideoTokenizer, VisionEncoder
 
@@ -161,3 +163,14 @@ def test_vision_encoder_load_refreshes_dino_pos_cache():
     square = sd["dinov2.pos_embed"][:, 1:].reshape(1, side, side, DIM).permute(0, 3, 1, 2)
     resized = F.interpolate(square, size=(h, w), mode="bicubic", antialias=True).permute(0, 2, 3, 1)
     torch.testing.assert_close(encoder.dinov2.pinned_pos_embed[:, 1:], resized.reshape(1, h * w, DIM))
+
+
+def test_layer_norm_eps_comes_from_the_config():
+    cfg = dataclasses.replace(CFG.video, eps=1e-2)
+    tokenizer = VideoTokenizer(cfg, DIM, GRID_HW, CFG.transformer.d_model)
+    norms = [m for m in tokenizer.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * cfg.depth + 1 and {m.eps for m in norms} == {1e-2}
+    # configs saved before the field existed load with the value they were built with
+    data = CFG.to_dict()
+    del data["video"]["eps"]
+    assert ModelConfig.from_dict(data).video.eps == 1e-5

@@ -34,10 +34,10 @@ class VideoTokenizer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, n_tokens, cfg.width) * 0.02)
         self.agg_token = nn.Parameter(torch.randn(1, 1, cfg.width) * 0.02)
         self.layers = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, eps=1e-5, layerscale_init=None)
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, eps=cfg.eps, layerscale_init=None)
             for _ in range(cfg.depth)
         )
-        self.norm = nn.LayerNorm(cfg.width)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.out = nn.Linear(cfg.width, d_model)
 
     def forward(self, grid: Tensor, prev_grid: Tensor, has_prev: Tensor) -> Tensor:
