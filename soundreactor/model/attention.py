@@ -129,3 +129,33 @@ def causal_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Ten
         q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), attn_mask=allowed
     )
     return out.transpose(1, 2).to(q.dtype)
+
+
+def guidance_training_mask(length: int, null_positions: Tensor, window: int) -> Tensor:
+    """Which key each query may see when a sequence of `length` tokens is followed by M guidance null queries.
+
+    Returns bool [length + M, length + M] (query, key). Sequence token t sees sequence tokens t-W+1..t, as in
+    `causal_window_attention`. Null query m, standing at position p_m = null_positions[m], sees the W-1 sequence
+    tokens before p_m plus itself: exactly what the streaming step gives the null query, whose K/V never enter
+    the cache. No query ever sees a null key, so training matches the cache rule of SPEC 1 step 3.
+    """
+    device = null_positions.device
+    t = torch.arange(length, device=device)
+    seq_seq = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+    p = null_positions[:, None]
+    null_seq = (t[None, :] < p) & (t[None, :] > p - window)
+    n = null_positions.shape[0]
+    top = torch.cat((seq_seq, torch.zeros(length, n, dtype=torch.bool, device=device)), dim=1)
+    bottom = torch.cat((null_seq, torch.eye(n, dtype=torch.bool, device=device)), dim=1)
+    return torch.cat((top, bottom), dim=0)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """SDPA under a boolean mask [Tq, Tk] (True = may attend). q: [B, Tq, H, D], k/v: [B, Tk, Hkv, D], rotated."""
+    group = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)

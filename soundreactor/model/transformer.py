@@ -213,6 +213,33 @@ class CausalTransformer(nn.Module):
             hidden = layer(hidden, partial(self._attend_offline, cos=cos, sin=sin))
         return self.norm(hidden)
 
+    def forward_train(self, tokens: Tensor, null_positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher-forced training forward: a sequence [B, L, d] plus a guidance null query at each of
+        `null_positions` [M] (int64), all in one pass under `attention.guidance_training_mask`.
+
+        Returns (hidden [B, L, d], null_hidden [B, M, d]): the same values the streaming steps give over the
+        same tokens (the sliding window, and the null query that sees the prefix and itself and is never cached).
+        RoPE uses positions 0..L-1 from the clip start; scores depend only on position differences, so this equals
+        the stream's read-time window-relative positions while sin/cos stay bounded by the clip length.
+        """
+        length = tokens.shape[1]
+        positions = torch.cat((torch.arange(length, device=tokens.device), null_positions))
+        cos, sin = attention.rope_tables(self.cfg.head_dim, length, self.cfg.effective_rope_base)
+        cos, sin = cos.to(tokens.device)[positions, None], sin.to(tokens.device)[positions, None]
+        mask = attention.guidance_training_mask(length, null_positions, self.cfg.window)
+        nulls = self.null.expand(tokens.shape[0], null_positions.shape[0], -1).to(tokens.dtype)
+        hidden = torch.cat((tokens, nulls), dim=1)
+        for layer in self.layers:
+            hidden = layer(hidden, partial(self._attend_train, cos=cos, sin=sin, mask=mask))
+        hidden = self.norm(hidden)
+        return hidden[:, :length], hidden[:, length:]
+
+    def _attend_train(
+        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor
+    ) -> Tensor:
+        q, k = attention.apply_rope(q, cos, sin), attention.apply_rope(k, cos, sin)
+        return attention.masked_attention(q, k, v, mask)
+
     def _attend_cached(
         self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor
     ) -> Tensor:
