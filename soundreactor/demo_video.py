@@ -1,12 +1,14 @@
 """A synthetic demo clip: colored circles and squares bouncing off the walls and off each other.
 
 Rendered with numpy only and deterministic for a seed, so demos and tests need no video assets. Collisions are
-elastic between discs (a square collides as the disc inscribed in it), with mass proportional to area.
+elastic between discs (a square collides as the disc inscribed in it), with mass proportional to area. The physics
+step reports its collisions, so the training set (soundreactor.training.synthetic) shares this scene and sounds it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,25 @@ PALETTE = np.array(
 )
 
 
-def _initial_shapes(rng: np.random.Generator, height: int, width: int, count: int):
-    """Non-overlapping random discs (rejection sampling) with speeds of 0.3-0.6 short sides per second."""
+@dataclass(frozen=True)
+class Collision:
+    """One impact found by `step`, in pixels; `j` is -1 for a wall."""
+
+    i: int
+    j: int
+    y: float  # contact point
+    x: float
+    speed: float  # closing speed along the contact normal, pixels per second
+
+
+def initial_shapes(
+    rng: np.random.Generator, height: int, width: int, count: int, speed: tuple[float, float] = (0.3, 0.6)
+):
+    """Non-overlapping random discs (rejection sampling) with speeds in `speed` short sides per second.
+
+    Returns (centers [N, 2] (y, x) px, velocities [N, 2] px/s, radii [N] px, is_square [N] bool, color_ids [N]
+    indices into PALETTE).
+    """
     short = min(height, width)
     radii = rng.uniform(0.07, 0.13, count) * short
     centers = np.zeros((count, 2))
@@ -32,21 +51,34 @@ def _initial_shapes(rng: np.random.Generator, height: int, width: int, count: in
                 break
         centers[i] = c
     angles = rng.uniform(0, 2 * np.pi, count)
-    speeds = rng.uniform(0.3, 0.6, count) * short
+    speeds = rng.uniform(*speed, count) * short
     velocities = np.stack([np.sin(angles), np.cos(angles)], axis=1) * speeds[:, None]
     is_square = rng.random(count) < 0.5
-    colors = PALETTE[np.resize(rng.permutation(len(PALETTE)), count)]
-    return centers, velocities, radii, is_square, colors
+    color_ids = np.resize(rng.permutation(len(PALETTE)), count)
+    return centers, velocities, radii, is_square, color_ids
 
 
-def _step(centers: np.ndarray, velocities: np.ndarray, radii: np.ndarray, size: tuple[int, int], dt: float):
-    """Advance positions in place, then resolve wall and pairwise collisions."""
+def step(
+    centers: np.ndarray, velocities: np.ndarray, radii: np.ndarray, size: tuple[int, int], dt: float
+) -> list[Collision]:
+    """Advance positions in place, then resolve wall and pairwise collisions; return the impacts resolved.
+
+    A wall counts as an impact only when the shape was moving into it (not when it is merely clamped), a pair
+    only when it was approaching, so every reported impact reverses a velocity.
+    """
+    collisions = []
     centers += velocities * dt
     bounds = np.array(size, float)
     for axis in range(2):
         low, high = radii, bounds[axis] - radii
         hit_low, hit_high = centers[:, axis] < low, centers[:, axis] > high
         centers[:, axis] = np.clip(centers[:, axis], low, high)
+        for i in np.flatnonzero(
+            (hit_low & (velocities[:, axis] < 0)) | (hit_high & (velocities[:, axis] > 0))
+        ):
+            contact = centers[i].copy()
+            contact[axis] = 0.0 if hit_low[i] else bounds[axis]
+            collisions.append(Collision(int(i), -1, *contact, abs(velocities[i, axis])))
         velocities[hit_low, axis] = np.abs(velocities[hit_low, axis])
         velocities[hit_high, axis] = -np.abs(velocities[hit_high, axis])
     masses = radii**2
@@ -63,13 +95,16 @@ def _step(centers: np.ndarray, velocities: np.ndarray, radii: np.ndarray, size: 
                 impulse = 2 * approach / (masses[i] + masses[j])
                 velocities[i] -= impulse * masses[j] * normal
                 velocities[j] += impulse * masses[i] * normal
+                collisions.append(Collision(i, j, *(centers[i] + normal * radii[i]), approach))
             # Push apart along the normal, heavier shape moving less.
             share = masses[j] / (masses[i] + masses[j])
             centers[i] -= normal * overlap * share
             centers[j] += normal * overlap * (1 - share)
+    return collisions
 
 
-def _render(centers, radii, is_square, colors, height: int, width: int) -> np.ndarray:
+def render(centers, radii, is_square, colors, height: int, width: int) -> np.ndarray:
+    """One RGB uint8 frame [H, W, 3] of the shapes (colors: [N, 3] uint8) on the background."""
     frame = np.empty((height, width, 3), np.uint8)
     frame[:] = BACKGROUND
     for (cy, cx), r, square, color in zip(centers, radii, is_square, colors, strict=True):
@@ -91,10 +126,10 @@ def demo_frames(
     if height < 16 or width < 16:
         raise ValueError(f"demo frame size must be at least 16x16, got {size}")
     rng = np.random.default_rng(seed)
-    centers, velocities, radii, is_square, colors = _initial_shapes(rng, height, width, shapes)
+    centers, velocities, radii, is_square, color_ids = initial_shapes(rng, height, width, shapes)
     for _ in range(n):
-        yield _render(centers, radii, is_square, colors, height, width)
-        _step(centers, velocities, radii, size, 1.0 / fps)
+        yield render(centers, radii, is_square, PALETTE[color_ids], height, width)
+        step(centers, velocities, radii, size, 1.0 / fps)
 
 
 def make_demo_video(
