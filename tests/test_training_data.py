@@ -79,3 +79,116 @@ def test_pitch_follows_size(solo_events):
     assert len(set(sizes)) >= 8
     # Smaller shapes ring higher: strongly negative correlation in log-log.
     assert np.corrcoef(np.log(peaks), np.log(sizes))[0, 1] < -0.9
+
+
+def _write_av(
+    path, seconds: float, fps: int = 25, rate: int = 44100, click_s: float = 0.5, audio: bool = True
+):
+    """A ffv1 + mono PCM MKV: gray level 8 + 4 * i in input frame i; silence but one click at click_s."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("ffv1", rate=fps)
+        video.width, video.height, video.pix_fmt = 48, 32, "yuv420p"
+        if audio:
+            sound = out.add_stream("pcm_s16le", rate=rate, layout="mono")
+        for i in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 8 + 4 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+        if audio:
+            samples = np.zeros((1, round(seconds * rate)), np.int16)
+            samples[0, round(click_s * rate)] = 20000
+            for start in range(0, samples.shape[1], 1024):
+                frame = av.AudioFrame.from_ndarray(
+                    samples[:, start : start + 1024], format="s16", layout="mono"
+                )
+                frame.sample_rate, frame.pts = rate, start
+                out.mux(sound.encode(frame))
+            out.mux(sound.encode(None))
+    return path
+
+
+def test_video_folder_resamples_to_30_fps_and_48_khz_stereo(tmp_path):
+    from soundreactor.training.data import VideoFolder
+
+    _write_av(tmp_path / "a.mkv", 1.0)
+    _write_av(tmp_path / "silent.mkv", 1.0, audio=False)
+    (tmp_path / "notes.txt").write_text("not a video")
+    data = VideoFolder(tmp_path, n_frames=12)
+    assert len(data) == 2  # 30 frames at 30 fps: two whole clips of 12
+    assert [p.name for p, _ in data.skipped] == ["silent.mkv"]
+    clip = data[1]
+    assert clip.frames.shape == (12, 32, 48, 3) and clip.frames.dtype == np.uint8
+    assert clip.audio.shape == (2, 12 * SAMPLES_PER_FRAME) and clip.audio.dtype == np.float32
+    assert clip.events == ()
+    # Output frame 12 + j shows the latest 25 fps input frame at or before (12 + j) / 30 s.
+    levels = [round((float(f.mean()) - 8) / 4) for f in clip.frames]
+    assert levels == [(12 + j) * 25 // 30 for j in range(12)]
+    # Mono is copied to both channels; the click at 0.5 s lands at 48 kHz sample 24000, i.e. 4800 into clip 1.
+    np.testing.assert_array_equal(clip.audio[0], clip.audio[1])
+    assert abs(int(np.argmax(np.abs(clip.audio[0]))) - 4800) <= 2
+    assert data.clip_id(0) != data.clip_id(1)
+    with pytest.raises(IndexError):
+        data[2]
+
+
+def test_video_folder_errors_name_the_problem(tmp_path):
+    from soundreactor.training.data import VideoFolder
+
+    with pytest.raises(FileNotFoundError, match="video folder not found"):
+        VideoFolder(tmp_path / "missing", 8)
+    _write_av(tmp_path / "silent.mkv", 0.5, audio=False)
+    with pytest.raises(ValueError, match="no video under"):
+        VideoFolder(tmp_path, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from soundreactor.model.soundreactor import init_model
+
+    return init_model("tiny", seed=0)[0]
+
+
+def test_clip_grids_equal_the_streaming_vision_encoder(tiny_model):
+    import torch
+
+    from soundreactor.training.data import clip_grids
+
+    frames = make_clip(2, 5).frames
+    grids = clip_grids(tiny_model, frames, batch=2)
+    cfg = tiny_model.config
+    assert grids.shape == (5, *cfg.grid_hw, cfg.dinov2.dim) and grids.dtype == torch.float32
+    with torch.no_grad():
+        zeros = torch.zeros(1, *cfg.grid_hw, cfg.dinov2.dim)
+        for i in range(5):
+            _, grid = tiny_model.vision(torch.from_numpy(frames[i : i + 1]), zeros, torch.tensor([False]))
+            # Same modules in fp32; batching may change the summation order only.
+            torch.testing.assert_close(grids[i], grid[0], rtol=1e-5, atol=1e-5)
+
+
+def test_grid_cache_hits_and_is_keyed_by_weights(tiny_model, tmp_path):
+    import torch
+
+    from soundreactor.model.soundreactor import init_model
+    from soundreactor.training.data import GridCache, clip_grids
+
+    frames = make_clip(4, 3).frames
+    cache = GridCache(tmp_path, tiny_model)
+    first = cache.grids("synthetic/4/3", frames)
+    second = cache.grids("synthetic/4/3", frames)
+    assert (cache.misses, cache.hits) == (1, 1)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # warm and cold give the same values
+    # float16 storage: relative rounding 2**-11 of each value.
+    fresh = clip_grids(tiny_model, frames)
+    torch.testing.assert_close(first, fresh, rtol=2**-10, atol=1e-6)
+    assert not list(tmp_path.rglob("*.tmp"))
+    other = GridCache(tmp_path, init_model("tiny", seed=1)[0])
+    assert other.root != cache.root
+    regrid = other.grids("synthetic/4/3", frames)
+    assert (other.misses, other.hits) == (1, 0)
+    assert not torch.allclose(regrid, first)
+    again = GridCache(tmp_path, tiny_model)
+    again.grids("synthetic/4/3", frames)
+    assert (again.misses, again.hits) == (0, 1)  # a new instance on the same weights reads the files
