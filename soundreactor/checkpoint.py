@@ -71,11 +71,14 @@ def check_state_dict(expected: dict[str, Tensor], given: dict[str, Tensor], what
     raise CheckpointError("\n".join(lines))
 
 
-def save_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, Tensor]) -> None:
+def save_checkpoint(
+    path: str | Path, config: ModelConfig, state: dict[str, Tensor], extra: dict[str, str] | None = None
+) -> None:
+    """Write our format; `extra` adds string metadata (e.g. the training config), which loaders ignore."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "config": config.to_json()})
+    save_file(tensors, str(path), metadata={**(extra or {}), "format": FORMAT, "config": config.to_json()})
 
 
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:

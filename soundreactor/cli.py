@@ -1,4 +1,4 @@
-"""Command line: `soundreactor init | run | demo | export | check | build | compare | calibrate`."""
+"""Command line: `soundreactor init | run | demo | export | check | build | compare | calibrate | train-vae | train`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from soundreactor.config import PRESETS
 from soundreactor.engine.commands import add_commands as add_engine_commands
 from soundreactor.engine.tensorrt_env import TensorRTMissing
 from soundreactor.export.commands import add_commands as add_export_commands
+from soundreactor.training.commands import add_commands as add_training_commands
 
 BACKENDS = ("torch", "cuda-graph", "onnxruntime", "tensorrt")
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_commands(sub)
     add_engine_commands(sub)
     add_calibration_commands(sub)
+    add_training_commands(sub)
     return parser
 
 

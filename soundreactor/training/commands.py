@@ -1,0 +1,101 @@
+"""`soundreactor train-vae` and `soundreactor train --stage pretrain|ect`.
+
+Every TrainConfig field of a plain type is an option (`--batch-size`, `--p-uncond`, ...). One process trains on
+CPU or one GPU; for several GPUs or nodes launch the same command with torchrun, e.g.
+`torchrun --nproc-per-node 8 -m soundreactor train --stage pretrain ...`. Only stdlib imports at module level:
+the CLI stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, get_type_hints
+
+from soundreactor.training.train_config import TrainConfig  # stdlib only
+
+PLAIN = (int, float, str, bool)
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = hints[f.name]
+        if f.name == "stage" or kind not in PLAIN:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=f"(default {f.default})")
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
+
+
+def _config(args: argparse.Namespace, stage: str) -> TrainConfig:
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name != "stage" and getattr(args, f.name, None) is not None
+    }
+    return TrainConfig(stage=stage, **given)
+
+
+def _model(args: argparse.Namespace):
+    from soundreactor.model.soundreactor import SoundReactor, init_model
+
+    if args.init:
+        return SoundReactor.load(args.init)
+    if not args.preset:
+        raise ValueError("give --init CHECKPOINT (a trained model) or --preset NAME (seeded random weights)")
+    model, _ = init_model(args.preset, seed=args.model_seed)
+    return model
+
+
+def _run(args: argparse.Namespace, stage: str) -> None:
+    import torch
+
+    from soundreactor.training import stages
+    from soundreactor.training.loop import default_device, distributed, train
+
+    cfg = _config(args, stage)
+    distributed()
+    device = torch.device(args.device) if args.device else default_device()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = _model(args)
+        if stage == "vae":
+            task = stages.vae_task(model, cfg)
+        else:
+            if stage == "ect" and not args.init:
+                raise ValueError("--stage ect starts from a pretrained checkpoint: give --init")
+            task, _ = stages.ar_task(model, cfg, device)
+    path = train(task, cfg, args.out_dir, device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {path}")
+
+
+def cmd_train_vae(args: argparse.Namespace) -> None:
+    _run(args, "vae")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    _run(args, args.stage)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", help="checkpoint to start from (made by init, train-vae or train)")
+    parser.add_argument("--preset", help="start from seeded random weights of this preset instead of --init")
+    parser.add_argument("--model-seed", type=int, default=0, help="seed of the random weights with --preset")
+    parser.add_argument("--out-dir", required=True, help="run directory: resumes if it holds state.pt")
+    parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda:LOCAL_RANK if there is a GPU)")
+    _config_options(parser)
+
+
+def add_commands(sub: Any) -> None:
+    vae = sub.add_parser("train-vae", help="train the causal Oobleck VAE (L1 + multi-resolution STFT + KL)")
+    _common(vae)
+    vae.set_defaults(func=cmd_train_vae)
+    ar = sub.add_parser("train", help="diffusion pretraining (Alg. 1) or Easy Consistency Tuning (Alg. 2)")
+    ar.add_argument("--stage", choices=("pretrain", "ect"), required=True)
+    _common(ar)
+    ar.set_defaults(func=cmd_train)

@@ -1,0 +1,148 @@
+"""The three stages as `loop.Task`s: what each trains, the batch of a step, and the checkpoint it exports.
+
+Every stage reads a SoundReactor checkpoint and writes one: `train-vae` replaces its VAE; `pretrain` trains the
+aggregator, transformer and head on the frozen DINOv2 grids and frozen VAE latents and stores the measured
+`latent_scale` and a Heun sampler; `ect` tunes those from a pretrained checkpoint and stores the consistency
+step times. DINOv2 and the VAE stay frozen in both AR stages.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from soundreactor.checkpoint import save_checkpoint
+from soundreactor.config import ModelConfig
+from soundreactor.model.soundreactor import SoundReactor
+from soundreactor.training import diffusion, ect
+from soundreactor.training.loop import Task, atomic_write, step_generator
+from soundreactor.training.train_config import TrainConfig
+from soundreactor.training.vae import VAETrainee, folded_state, kl_weight
+
+LATENT_SCALE_CLIPS = 32  # clips the latent standard deviation is measured on
+
+
+def clip_frames(cfg: TrainConfig, model: SoundReactor) -> int:
+    return cfg.clip_frames or model.config.transformer.train_context // 2
+
+
+def dataset(cfg: TrainConfig, model: SoundReactor, frames: int):
+    """Indexable clips with `.frames` uint8 [N, H, W, 3] at the model's vision size and `.audio` [2, N * hop]."""
+    if cfg.data != "synthetic":
+        raise ValueError(f"unknown data {cfg.data!r}: use 'synthetic'")
+    from soundreactor.training.synthetic import SyntheticAV
+
+    return SyntheticAV(cfg.data_seed, cfg.dataset_size, frames, hw=model.config.vision_hw, hum=cfg.hum)
+
+
+def _save(model: SoundReactor, config: ModelConfig, path: Path, extra: dict[str, str]) -> None:
+    atomic_write(path, lambda p: save_checkpoint(p, config, model.state_dict(), extra))
+
+
+class Features:
+    """Frozen features of clip i: VAE latent means [N, C] (kept in memory) and DINOv2 grids [N, h, w, C']."""
+
+    def __init__(self, model: SoundReactor, clips, device: torch.device) -> None:
+        self.model, self.clips, self.device = model, clips, device
+        self.latents: dict[int, Tensor] = {}
+
+    @torch.no_grad()
+    def latent(self, i: int, clip=None) -> Tensor:
+        if i not in self.latents:
+            audio = torch.from_numpy((clip or self.clips[i]).audio).to(self.device)[None]
+            self.latents[i] = self.model.vae.encode(audio)[0].T
+        return self.latents[i]
+
+    @torch.no_grad()
+    def __call__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        latents, grids = [], []
+        for i in indices.tolist():
+            clip = self.clips[i]
+            frames = torch.from_numpy(clip.frames).to(self.device)
+            grids.append(self.model.vision.dinov2(self.model.vision.preprocess(frames)))
+            latents.append(self.latent(i, clip))
+        return torch.stack(latents), torch.stack(grids)
+
+
+def freeze(*modules: nn.Module) -> None:
+    for m in modules:
+        m.requires_grad_(False).eval()
+
+
+def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
+    frames = clip_frames(cfg, model)
+    clips = dataset(cfg, model, frames)
+    trainee = VAETrainee(model.vae, cfg)
+    latent_dim = model.config.vae.latent_dim
+
+    def batch(step: int, part: slice) -> dict[str, Tensor]:
+        gen = step_generator(cfg.seed, step)
+        indices = torch.randint(len(clips), (cfg.batch_size,), generator=gen)
+        eps = torch.randn(cfg.batch_size, latent_dim, frames, generator=gen)
+        audio = torch.from_numpy(np.stack([clips[i].audio for i in indices[part].tolist()]))
+        return {"audio": audio, "eps": eps[part], "kl_weight": torch.tensor(kl_weight(cfg, step))}
+
+    def export(module: nn.Module, path: Path, extra: dict[str, str]) -> None:
+        out = copy.deepcopy(model).cpu()
+        out.vae.load_state_dict(folded_state(module.vae))
+        _save(out, out.config, path, extra)
+
+    return Task(trainee, batch, export)
+
+
+def ar_task(model: SoundReactor, cfg: TrainConfig, device: torch.device) -> tuple[Task, SoundReactor]:
+    """Pretraining or ECT on `model`; returns the task and the model it trains (latent_scale set for pretrain)."""
+    frames = clip_frames(cfg, model)
+    clips = dataset(cfg, model, frames)
+    model = model.to(device)
+    freeze(model.vision.dinov2, model.vae)
+    features = Features(model, clips, device)
+    if cfg.stage == "pretrain":
+        model = _with_latent_scale(model, cfg, features, device)
+        trainee: nn.Module = diffusion.DiffusionTrainee(model)
+        sampler = {"kind": "heun"}
+    else:
+        trainee = ect.ECTTrainee(model, cfg)
+        sampler = {"kind": "consistency", "consistency_steps": dict(cfg.consistency_steps)}
+    latent_dim = model.config.vae.latent_dim
+
+    def batch(step: int, part: slice) -> dict[str, Tensor]:
+        gen = step_generator(cfg.seed, step)
+        indices = torch.randint(len(clips), (cfg.batch_size,), generator=gen)
+        if cfg.stage == "pretrain":
+            draws = diffusion.draw_pretrain(cfg, gen, cfg.batch_size, frames, latent_dim)
+        else:
+            draws = ect.draw_ect(cfg, gen, step, cfg.batch_size, frames, latent_dim)
+        latents, grids = features(indices[part])
+        return {"latents": latents, "grids": grids, **{k: v[part] for k, v in draws.items()}}
+
+    def export(module: nn.Module, path: Path, extra: dict[str, str]) -> None:
+        out = copy.deepcopy(model).cpu()
+        out.vision.tokenizer.load_state_dict(module.tokenizer.state_dict())
+        out.transformer.load_state_dict(module.transformer.state_dict())
+        out.head.load_state_dict(module.head.state_dict())
+        _save(out, out.config.replace(sampler=sampler), path, extra)
+
+    return Task(trainee, batch, export), model
+
+
+def _with_latent_scale(
+    model: SoundReactor, cfg: TrainConfig, features: Features, device: torch.device
+) -> SoundReactor:
+    """The model with HeadConfig.latent_scale set: cfg.latent_scale, or measured on the first clips."""
+    scale = cfg.latent_scale
+    if scale <= 0:
+        count = min(LATENT_SCALE_CLIPS, len(features.clips))
+        latents = torch.stack([features.latent(i) for i in range(count)])
+        scale = diffusion.measure_latent_scale(latents, model.config.head.sigma_data)
+    config = model.config.replace(head={"latent_scale": scale})
+    out = SoundReactor(config, model.input_hw)
+    out.load_state_dict(model.state_dict())
+    out = out.to(device)
+    freeze(out.vision.dinov2, out.vae)
+    features.model = out
+    return out

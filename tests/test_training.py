@@ -1,0 +1,218 @@
+"""Training stages on the tiny preset: losses, resume, DDP, checkpoints that every backend loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from soundreactor.checkpoint import load_checkpoint
+from soundreactor.model.soundreactor import SoundReactor, init_model
+from soundreactor.model.vae import AudioVAE, vae_state_from_official
+from soundreactor.training import loop, stages
+from soundreactor.training.train_config import TrainConfig
+from soundreactor.training.vae import folded_state, with_weight_norm
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"batch_size": 2, "dataset_size": 6, "clip_frames": 4, "checkpoint_every": 2, "lr": 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0) -> SoundReactor:
+    return init_model("tiny", seed=seed)[0]
+
+
+def make_task(stage: str, **options) -> loop.Task:
+    cfg = TrainConfig(stage=stage, **{**SMALL, **options})
+    torch.manual_seed(cfg.seed)
+    if stage == "vae":
+        return stages.vae_task(tiny_model(), cfg)
+    return stages.ar_task(tiny_model(), cfg, torch.device("cpu"))[0]
+
+
+@pytest.mark.parametrize("stage", ["vae", "pretrain", "ect"])
+def test_one_gradient_step_lowers_the_loss_on_a_fixed_batch(stage: str) -> None:
+    task = make_task(stage)
+    batch = task.batch(0, slice(0, SMALL["batch_size"]))
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    loss, metrics = task.module(**batch)
+    assert torch.isfinite(loss) and all(torch.isfinite(m) for m in metrics.values())
+    grads = torch.autograd.grad(loss, params)
+    norm2 = sum(g.square().sum() for g in grads)
+    # a step predicted (to first order) to remove 1% of the loss: small enough for curvature not to matter
+    lr = 0.01 * loss.detach().abs() / norm2
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p -= lr * g
+    after, _ = task.module(**batch)
+    assert after < loss, f"{stage}: {loss.item()} -> {after.item()}"
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    steps = 5
+    whole = loop.train(
+        make_task("pretrain", steps=steps), TrainConfig("pretrain", steps=steps, **SMALL), tmp_path / "a"
+    )
+
+    task = make_task("pretrain", steps=steps)
+    batch = task.batch
+
+    def crashing(step: int, part: slice):
+        if step == 3:  # after the checkpoint of step 2, with step 3 logged: a crash between checkpoints
+            raise Crash
+        return batch(step, part)
+
+    task.batch = crashing
+    with pytest.raises(Crash):
+        loop.train(task, TrainConfig("pretrain", steps=steps, **SMALL), tmp_path / "b")
+    resumed = loop.train(
+        make_task("pretrain", steps=steps), TrainConfig("pretrain", steps=steps, **SMALL), tmp_path / "b"
+    )
+
+    # same process, same ops in the same order: bit-identical weights and logged losses
+    _, expected = load_checkpoint(whole)
+    _, got = load_checkpoint(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0, msg=key)
+    logs = [
+        [json.loads(ln) for ln in (d / loop.LOG).read_text().splitlines()]
+        for d in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert [r["step"] for r in logs[1]] == list(range(1, steps + 1))
+    assert [r["loss"] for r in logs[1]] == [r["loss"] for r in logs[0]]
+    assert (tmp_path / "b" / loop.PLOT).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_refuses_other_options(tmp_path: Path) -> None:
+    loop.train(make_task("pretrain", steps=2), TrainConfig("pretrain", steps=2, **SMALL), tmp_path)
+    cfg = TrainConfig("pretrain", steps=4, **{**SMALL, "lr": 5e-4})
+    with pytest.raises(ValueError, match="lr differ"):
+        loop.train(make_task("pretrain"), cfg, tmp_path)
+
+
+def _cli(args: list[str], torchrun: int = 0) -> None:
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(torchrun)] if torchrun else []
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, *launcher, "-m", "soundreactor", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path: Path) -> None:
+    """Gloo DDP over two ranks of one global batch computes what one process computes on the whole batch."""
+    options = ["train", "--stage", "pretrain", "--preset", "tiny", "--steps", "3", "--batch-size", "4"]
+    options += ["--dataset-size", "6", "--clip-frames", "4", "--lr", "1e-3", "--device", "cpu"]
+    _cli([*options, "--out-dir", str(tmp_path / "one")])
+    _cli([*options, "--out-dir", str(tmp_path / "two")], torchrun=2)
+    _, one = load_checkpoint(tmp_path / "one" / loop.MODEL)
+    _, two = load_checkpoint(tmp_path / "two" / loop.MODEL)
+    moved = 0
+    base = tiny_model().state_dict()
+    for key in one:
+        # gradients summed in another order: fp32 rounding (~1e-7), far below the 3 Adam steps of 1e-3
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=0, msg=key)
+        moved += not torch.equal(one[key], base[key])
+    assert moved > 10  # the weights did train
+    losses = [
+        [json.loads(ln)["loss"] for ln in (tmp_path / d / loop.LOG).read_text().splitlines()]
+        for d in ("one", "two")
+    ]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(pretrained, ECT-tuned) checkpoints of a few tiny steps, through the CLI."""
+    base = tmp_path_factory.mktemp("train")
+    common = ["--dataset-size", "4", "--batch-size", "2", "--clip-frames", "4", "--steps", "2"]
+    _cli(["train", "--stage", "pretrain", "--preset", "tiny", "--out-dir", str(base / "pre"), *common])
+    pre = base / "pre" / loop.MODEL
+    _cli(["train", "--stage", "ect", "--init", str(pre), "--out-dir", str(base / "ect"), *common])
+    return pre, base / "ect" / loop.MODEL
+
+
+def test_checkpoints_carry_their_configs(trained) -> None:
+    pre, tuned = trained
+    config, _ = load_checkpoint(pre)
+    assert config.sampler.kind == "heun"
+    model = tiny_model()  # the seeded weights `--preset tiny` started from: the VAE is frozen, so unchanged
+    cfg = TrainConfig("pretrain", dataset_size=4, clip_frames=4)
+    clips = stages.dataset(cfg, model, 4)
+    with torch.no_grad():
+        latents = torch.stack([model.vae.encode(torch.from_numpy(clips[i].audio)[None])[0] for i in range(4)])
+    np.testing.assert_allclose(config.head.latent_scale, latents.std().item() / 0.5, rtol=1e-5)
+
+    tuned_config, _ = load_checkpoint(tuned)
+    assert tuned_config.sampler.kind == "consistency"
+    assert tuned_config.sampler.consistency_steps == TrainConfig("ect").consistency_steps
+    assert tuned_config.head.latent_scale == config.head.latent_scale
+    with safe_open(str(tuned), framework="pt") as f:
+        training = TrainConfig.from_json(f.metadata()["training"])
+    assert training.stage == "ect" and training.steps == 2
+
+
+def test_trained_checkpoint_runs_in_torch_and_onnxruntime(trained, tmp_path: Path) -> None:
+    from soundreactor.demo_video import demo_frames
+    from soundreactor.export.commands import ort_session_from_dir
+    from soundreactor.runtime.session import Session
+    from soundreactor.runtime.torch_backend import TorchStreams
+
+    tuned = trained[1]
+    hw = (48, 80)
+    _cli(
+        ["export", "--checkpoint", str(tuned), "--out", str(tmp_path), "--nfe", "2", "--frame-size", "48x80"]
+    )
+    model = SoundReactor.load(tuned, input_hw=hw)
+    model.configure_sampling(nfe=2)
+    torch_session = Session(TorchStreams(model, seed=5))
+    ort_session = ort_session_from_dir(tmp_path, 5, ["cpu"], str(tuned), 2, None)
+    for frame in demo_frames(10, size=hw, seed=2):
+        want = torch_session.step(frame)
+        # fp32 graphs of the same weights and noise: rounding only (the export tests measure ~1e-6)
+        np.testing.assert_allclose(ort_session.step(frame), want, atol=1e-4, rtol=0)
+
+
+def test_vae_weight_norm_is_the_official_layout() -> None:
+    """The trained VAE's weight-norm tensors, renamed to the official legacy keys, load through the official
+    loader into encoder and decoder alike, and equal the folded export."""
+    torch.manual_seed(0)
+    trained = with_weight_norm(AudioVAE(tiny_model().config.vae))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.mul_(1 + 0.1 * torch.rand_like(p))  # g no longer equal to ||v||: folding must matter
+    official = {}
+    for key, value in trained.state_dict().items():
+        key = key.replace(".parametrizations.weight.original0", ".weight_g")
+        key = key.replace(".parametrizations.weight.original1", ".weight_v")
+        official["autoencoder." + key] = value
+    assert any(k.startswith("autoencoder.encoder.layers.1.layers.0.layers.1.weight_g") for k in official)
+    loaded, prefix = vae_state_from_official(official, trained.cfg)
+    assert prefix == "autoencoder."
+    folded = folded_state(trained)
+    assert loaded.keys() == folded.keys()
+    for key in folded:
+        torch.testing.assert_close(loaded[key], folded[key], atol=1e-6, rtol=1e-5, msg=key)
+    plain = AudioVAE(trained.cfg)
+    plain.load_state_dict(folded)
+    audio = torch.randn(1, 2, 3 * 1600) * 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode(audio), trained.encode(audio), atol=1e-5, rtol=1e-4)
