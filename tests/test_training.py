@@ -41,7 +41,7 @@ def make_task(stage: str, **options) -> loop.Task:
     torch.manual_seed(cfg.seed)
     if stage == "vae":
         return stages.vae_task(tiny_model(), cfg)
-    return stages.ar_task(tiny_model(), cfg, torch.device("cpu"))[0]
+    return stages.ar_task(tiny_model(), cfg, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("stage", ["vae", "pretrain", "ect"])

@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace, stage: str) -> None:
         else:
             if stage == "ect" and not args.init:
                 raise ValueError("--stage ect starts from a pretrained checkpoint: give --init")
-            task, _ = stages.ar_task(model, cfg, device)
+            task = stages.ar_task(model, cfg, device, args.grid_cache)
     path = train(task, cfg, args.out_dir, device)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path}")
@@ -97,5 +97,8 @@ def add_commands(sub: Any) -> None:
     vae.set_defaults(func=cmd_train_vae)
     ar = sub.add_parser("train", help="diffusion pretraining (Alg. 1) or Easy Consistency Tuning (Alg. 2)")
     ar.add_argument("--stage", choices=("pretrain", "ect"), required=True)
+    ar.add_argument(
+        "--grid-cache", metavar="DIR", help="keep the frozen DINOv2 grids of every clip on disk here (reused)"
+    )
     _common(ar)
     ar.set_defaults(func=cmd_train)

@@ -31,12 +31,24 @@ def clip_frames(cfg: TrainConfig, model: SoundReactor) -> int:
 
 
 def dataset(cfg: TrainConfig, model: SoundReactor, frames: int):
-    """Indexable clips with `.frames` uint8 [N, H, W, 3] at the model's vision size and `.audio` [2, N * hop]."""
-    if cfg.data != "synthetic":
-        raise ValueError(f"unknown data {cfg.data!r}: use 'synthetic'")
+    """Clips with `.frames` uint8 [N, H, W, 3] and `.audio` float32 [2, N * hop]: the synthetic set at the model's
+    vision size, or every video under the folder `cfg.data`."""
+    if cfg.data == "synthetic":
+        from soundreactor.training.synthetic import SyntheticAV
+
+        return SyntheticAV(cfg.data_seed, cfg.dataset_size, frames, hw=model.config.vision_hw, hum=cfg.hum)
+    from soundreactor.training.data import VideoFolder
+
+    return VideoFolder(cfg.data, frames)
+
+
+def clip_id(clips, i: int) -> str:
+    """What identifies clip i's content, for the grid cache."""
     from soundreactor.training.synthetic import SyntheticAV
 
-    return SyntheticAV(cfg.data_seed, cfg.dataset_size, frames, hw=model.config.vision_hw, hum=cfg.hum)
+    if isinstance(clips, SyntheticAV):
+        return f"synthetic|{clips.clip_seed(i)}|{clips.n_frames}|{clips.hw}|{clips.hum}"
+    return clips.clip_id(i)
 
 
 def _save(model: SoundReactor, config: ModelConfig, path: Path, extra: dict[str, str]) -> None:
@@ -44,26 +56,34 @@ def _save(model: SoundReactor, config: ModelConfig, path: Path, extra: dict[str,
 
 
 class Features:
-    """Frozen features of clip i: VAE latent means [N, C] (kept in memory) and DINOv2 grids [N, h, w, C']."""
+    """Frozen features of clip i: VAE latent means [N, C] (kept in memory) and DINOv2 grids [N, h, w, C'] (kept
+    on disk by a `data.GridCache` when `grid_cache` names a folder, else recomputed)."""
 
-    def __init__(self, model: SoundReactor, clips, device: torch.device) -> None:
-        self.model, self.clips, self.device = model, clips, device
+    def __init__(self, model: SoundReactor, clips, grid_cache: str | Path | None = None) -> None:
+        from soundreactor.training.data import GridCache
+
+        self.model, self.clips = model, clips
+        self.cache = GridCache(grid_cache, model) if grid_cache else None
         self.latents: dict[int, Tensor] = {}
 
     @torch.no_grad()
     def latent(self, i: int, clip=None) -> Tensor:
         if i not in self.latents:
-            audio = torch.from_numpy((clip or self.clips[i]).audio).to(self.device)[None]
-            self.latents[i] = self.model.vae.encode(audio)[0].T
+            audio = torch.from_numpy((clip or self.clips[i]).audio)[None]
+            self.latents[i] = self.model.vae.encode(audio.to(self.model.transformer.start.device))[0].T
         return self.latents[i]
 
     @torch.no_grad()
     def __call__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        from soundreactor.training.data import clip_grids
+
         latents, grids = [], []
         for i in indices.tolist():
             clip = self.clips[i]
-            frames = torch.from_numpy(clip.frames).to(self.device)
-            grids.append(self.model.vision.dinov2(self.model.vision.preprocess(frames)))
+            if self.cache is not None:
+                grids.append(self.cache.grids(clip_id(self.clips, i), clip.frames))
+            else:
+                grids.append(clip_grids(self.model, clip.frames))
             latents.append(self.latent(i, clip))
         return torch.stack(latents), torch.stack(grids)
 
@@ -94,15 +114,17 @@ def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
     return Task(trainee, batch, export)
 
 
-def ar_task(model: SoundReactor, cfg: TrainConfig, device: torch.device) -> tuple[Task, SoundReactor]:
-    """Pretraining or ECT on `model`; returns the task and the model it trains (latent_scale set for pretrain)."""
+def ar_task(
+    model: SoundReactor, cfg: TrainConfig, device: torch.device, grid_cache: str | Path | None = None
+) -> Task:
+    """Pretraining or ECT of `model` (moved to `device`; pretraining sets its latent_scale)."""
     frames = clip_frames(cfg, model)
     clips = dataset(cfg, model, frames)
     model = model.to(device)
     freeze(model.vision.dinov2, model.vae)
-    features = Features(model, clips, device)
+    features = Features(model, clips, grid_cache)
     if cfg.stage == "pretrain":
-        model = _with_latent_scale(model, cfg, features, device)
+        _set_latent_scale(model, cfg, features)
         trainee: nn.Module = diffusion.DiffusionTrainee(model)
         sampler = {"kind": "heun"}
     else:
@@ -127,22 +149,15 @@ def ar_task(model: SoundReactor, cfg: TrainConfig, device: torch.device) -> tupl
         out.head.load_state_dict(module.head.state_dict())
         _save(out, out.config.replace(sampler=sampler), path, extra)
 
-    return Task(trainee, batch, export), model
+    return Task(trainee, batch, export)
 
 
-def _with_latent_scale(
-    model: SoundReactor, cfg: TrainConfig, features: Features, device: torch.device
-) -> SoundReactor:
-    """The model with HeadConfig.latent_scale set: cfg.latent_scale, or measured on the first clips."""
+def _set_latent_scale(model: SoundReactor, cfg: TrainConfig, features: Features) -> None:
+    """Set HeadConfig.latent_scale in place: cfg.latent_scale, or measured on the first clips."""
     scale = cfg.latent_scale
     if scale <= 0:
         count = min(LATENT_SCALE_CLIPS, len(features.clips))
         latents = torch.stack([features.latent(i) for i in range(count)])
         scale = diffusion.measure_latent_scale(latents, model.config.head.sigma_data)
-    config = model.config.replace(head={"latent_scale": scale})
-    out = SoundReactor(config, model.input_hw)
-    out.load_state_dict(model.state_dict())
-    out = out.to(device)
-    freeze(out.vision.dinov2, out.vae)
-    features.model = out
-    return out
+    model.config = model.config.replace(head={"latent_scale": scale})
+    model.head.cfg = model.config.head

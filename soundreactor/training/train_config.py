@@ -25,8 +25,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the trained weights; the exported checkpoint holds the EMA
     seed: int = 0  # every random draw of step s comes from (seed, s): resume and DDP reproduce a plain run
     checkpoint_every: int = 200  # steps between resumable checkpoints (and exported models)
-    # data: the built-in synthetic set, or a folder of videos
-    data: str = "synthetic"
+    data: str = "synthetic"  # the built-in synthetic set, or a folder of videos with sound
     data_seed: int = 0
     dataset_size: int = 10_000  # synthetic clips (ignored for a folder)
     clip_frames: int = 0  # frames per training clip; 0 = the transformer's train_context // 2
