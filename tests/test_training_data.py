@@ -82,9 +82,18 @@ def test_pitch_follows_size(solo_events):
 
 
 def _write_av(
-    path, seconds: float, fps: int = 25, rate: int = 44100, click_s: float = 0.5, audio: bool = True
+    path,
+    seconds: float,
+    fps: int = 25,
+    rate: int = 44100,
+    click_s: float = 0.5,
+    audio: bool = True,
+    delay: int = 0,
 ):
-    """A ffv1 + mono PCM MKV: gray level 8 + 4 * i in input frame i; silence but one click at click_s."""
+    """A ffv1 + mono PCM MKV: gray level 8 + 4 * i in input frame i; silence but one click at click_s.
+
+    The audio stream starts `delay` samples after the first video frame.
+    """
     import av
 
     with av.open(str(path), "w") as out:
@@ -104,7 +113,7 @@ def _write_av(
                 frame = av.AudioFrame.from_ndarray(
                     samples[:, start : start + 1024], format="s16", layout="mono"
                 )
-                frame.sample_rate, frame.pts = rate, start
+                frame.sample_rate, frame.pts = rate, start + delay
                 out.mux(sound.encode(frame))
             out.mux(sound.encode(None))
     return path
@@ -132,6 +141,15 @@ def test_video_folder_resamples_to_30_fps_and_48_khz_stereo(tmp_path):
     assert data.clip_id(0) != data.clip_id(1)
     with pytest.raises(IndexError):
         data[2]
+
+
+def test_audio_is_aligned_to_the_first_video_frame(tmp_path):
+    from soundreactor.training.data import read_audio
+
+    # Audio starting 0.1 s late: its click at 0.5 s of its own is 0.6 s after the first frame.
+    audio = read_audio(_write_av(tmp_path / "late.mkv", 1.0, delay=4410))
+    assert audio.shape[0] == 2 and not audio[:, :4700].any()
+    assert abs(int(np.argmax(np.abs(audio[0]))) - 28800) <= 2
 
 
 def test_video_folder_errors_name_the_problem(tmp_path):

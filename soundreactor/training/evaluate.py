@@ -288,6 +288,7 @@ def markdown(report: dict) -> str:
 def plot(path, clip, audios: dict) -> None:
     """PNG: a log-mel spectrogram per system for one clip, true impacts as dashed lines, detections as ticks."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -299,7 +300,8 @@ def plot(path, clip, audios: dict) -> None:
         ax.imshow(mel, origin="lower", aspect="auto", extent=(0, seconds, 0, mel.shape[0]), vmin=-100, vmax=0)
         for e in clip.events:
             ax.axvline(e.sample / SAMPLE_RATE, color="white", linestyle="--", linewidth=0.8)
-        ax.plot(detect_onsets(audio), [mel.shape[0] - 2] * len(detect_onsets(audio)), "rv", markersize=5)
+        onsets = detect_onsets(audio)
+        ax.plot(onsets, np.full(len(onsets), mel.shape[0] - 2), "rv", markersize=5)
         ax.set_ylabel(f"{name}\nmel band")
     axes[0, 0].set_title("log-mel (dB); dashed: true impacts; red: detected onsets")
     axes[-1, 0].set_xlabel("time (s)")
