@@ -164,9 +164,8 @@ def score(audios, clips) -> dict:
             raise ValueError(
                 f"candidate audio {list(audio.shape)} must match the clip's {list(clip.audio.shape)}"
             )
-        reference = (
-            np.unique([e.sample for e in clip.events]) / SAMPLE_RATE
-        )  # simultaneous impacts: one onset
+        # Simultaneous impacts (a shape hitting a corner, say) are one onset.
+        reference = np.unique([e.sample for e in clip.events]) / SAMPLE_RATE
         detected = detect_onsets(audio)
         n_true, n_detected = n_true + len(reference), n_detected + len(detected)
         matched += match_onsets(reference, detected)
