@@ -1,4 +1,4 @@
-"""Command line: `soundreactor init | run | demo | export | check | build | compare | calibrate | train-vae | train`."""
+"""Command line: `soundreactor init | run | demo | export | check | build | compare | calibrate | train-vae | train | evaluate`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from soundreactor.engine.commands import add_commands as add_engine_commands
 from soundreactor.engine.tensorrt_env import TensorRTMissing
 from soundreactor.export.commands import add_commands as add_export_commands
 from soundreactor.training.commands import add_commands as add_training_commands
+from soundreactor.training.evaluate import add_evaluate_command
 
 BACKENDS = ("torch", "cuda-graph", "onnxruntime", "tensorrt")
 
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_commands(sub)
     add_calibration_commands(sub)
     add_training_commands(sub)
+    add_evaluate_command(sub)
     return parser
 
 

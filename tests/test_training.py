@@ -216,3 +216,19 @@ def test_vae_weight_norm_is_the_official_layout() -> None:
     audio = torch.randn(1, 2, 3 * 1600) * 0.1
     with torch.no_grad():
         torch.testing.assert_close(plain.encode(audio), trained.encode(audio), atol=1e-5, rtol=1e-4)
+
+
+def test_grid_cache_gives_the_computed_grids(tmp_path: Path) -> None:
+    cfg = TrainConfig("pretrain", **SMALL)
+    torch.manual_seed(0)
+    cached = stages.ar_task(tiny_model(), cfg, torch.device("cpu"), grid_cache=tmp_path)
+    plain = make_task("pretrain")
+    first = cached.batch(0, slice(0, 2))
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(files) == len(set(torch.randint(6, (2,), generator=loop.step_generator(0, 0)).tolist()))
+    again = cached.batch(0, slice(0, 2))
+    assert sorted(tmp_path.rglob("*.safetensors")) == files  # read back, nothing recomputed
+    torch.testing.assert_close(again["grids"], first["grids"], atol=0, rtol=0)
+    want = plain.batch(0, slice(0, 2))["grids"]
+    # stored as float16: relative rounding 2^-11 of LayerNorm outputs of magnitude ~1-10
+    torch.testing.assert_close(first["grids"], want, atol=1e-2, rtol=1e-3)

@@ -55,10 +55,9 @@ def _run(args: argparse.Namespace, stage: str) -> None:
     import torch
 
     from soundreactor.training import stages
-    from soundreactor.training.loop import default_device, distributed, train
+    from soundreactor.training.loop import default_device, train
 
     cfg = _config(args, stage)
-    distributed()
     device = torch.device(args.device) if args.device else default_device()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -56,11 +56,11 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
     return gen
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group torchrun describes in the environment."""
+def distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group torchrun describes in the environment (NCCL for GPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank() if world > 1 else 0), world
 
 
@@ -114,10 +114,10 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from tqdm import tqdm
 
-    rank, world = distributed()
+    device = device or default_device()
+    rank, world = distributed(device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must divide evenly over {world} ranks")
-    device = device or default_device()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     module = task.module.to(device)
