@@ -232,3 +232,29 @@ def test_grid_cache_gives_the_computed_grids(tmp_path: Path) -> None:
     want = plain.batch(0, slice(0, 2))["grids"]
     # stored as float16: relative rounding 2^-11 of LayerNorm outputs of magnitude ~1-10
     torch.testing.assert_close(first["grids"], want, atol=1e-2, rtol=1e-3)
+
+
+def test_cli_names_a_missing_start(tmp_path: Path, capsys) -> None:
+    from soundreactor.cli import main
+
+    assert main(["train", "--stage", "ect", "--preset", "tiny", "--out-dir", str(tmp_path)]) == 2
+    assert "--stage ect starts from a pretrained checkpoint: give --init" in capsys.readouterr().err
+    assert main(["train-vae", "--out-dir", str(tmp_path)]) == 2
+    assert "give --init CHECKPOINT" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "pretrain",
+                "--preset",
+                "tiny",
+                "--data",
+                str(tmp_path / "none"),
+                "--out-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "video folder not found" in capsys.readouterr().err

@@ -25,10 +25,11 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
         if f.name == "stage" or kind not in PLAIN:
             continue
         flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata.get('help', '')} (default {f.default})"
         if kind is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=f"(default {f.default})")
+            parser.add_argument(flag, action="store_true", default=None, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=f"(default {f.default})")
+            parser.add_argument(flag, type=kind, default=None, help=text)
 
 
 def _config(args: argparse.Namespace, stage: str) -> TrainConfig:

@@ -13,45 +13,50 @@ from typing import Any
 STAGES = ("vae", "pretrain", "ect")
 
 
+def option(default: Any, help: str) -> Any:
+    """A field with its command-line help (`soundreactor train --help` shows it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     stage: str  # "vae" | "pretrain" (Algorithm 1) | "ect" (Algorithm 2)
-    steps: int = 1000
-    batch_size: int = 8  # global batch: split evenly over DDP ranks
-    lr: float = 1e-4
+    steps: int = option(1000, "optimizer steps in all (a resumed run may raise it)")
+    batch_size: int = option(8, "global batch in clips, split evenly over the DDP ranks")
+    lr: float = option(1e-4, "AdamW learning rate")
     betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    ema_decay: float = 0.999  # EMA of the trained weights; the exported checkpoint holds the EMA
-    seed: int = 0  # every random draw of step s comes from (seed, s): resume and DDP reproduce a plain run
-    checkpoint_every: int = 200  # steps between resumable checkpoints (and exported models)
-    data: str = "synthetic"  # the built-in synthetic set, or a folder of videos with sound
-    data_seed: int = 0
-    dataset_size: int = 10_000  # synthetic clips (ignored for a folder)
-    clip_frames: int = 0  # frames per training clip; 0 = the transformer's train_context // 2
-    hum: bool = False  # synthetic continuous source
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 disables")
+    ema_decay: float = option(0.999, "EMA decay; the exported checkpoint holds the EMA weights")
+    seed: int = option(0, "every random draw of step s comes from (seed, s), so resume and DDP equal one run")
+    checkpoint_every: int = option(200, "steps between resumable checkpoints and exported models")
+    data: str = option("synthetic", "'synthetic' (built-in scenes) or a folder of videos with sound")
+    data_seed: int = option(0, "seed of the synthetic scenes")
+    dataset_size: int = option(10_000, "synthetic clips (ignored for a folder)")
+    clip_frames: int = option(0, "frames per training clip; 0 = the transformer's train_context // 2")
+    hum: bool = option(False, "synthetic scenes with a continuous hum")
     # VAE (stable-audio-tools lineage: L1 + multi-resolution STFT + KL)
-    l1_weight: float = 1.0
-    stft_weight: float = 1.0
-    envelope_weight: float = 1.0  # L1 of log-RMS envelopes: keeps onsets and decays (see issue 12)
-    kl_weight: float = 1e-4
-    kl_warmup: int = 500  # steps of linear KL ramp from 0 (a warm-up without KL first)
+    l1_weight: float = option(1.0, "VAE: weight of the waveform L1")
+    stft_weight: float = option(1.0, "VAE: weight of the multi-resolution STFT loss")
+    envelope_weight: float = option(1.0, "VAE: weight of the log-RMS envelope L1 (keeps onsets and decays)")
+    kl_weight: float = option(1e-4, "VAE: weight of the KL term after the warm-up")
+    kl_warmup: int = option(500, "VAE: steps without KL for the first half, then a linear ramp")
     # diffusion pretraining (Algorithm 1, EDM2 loss)
-    p_mean: float = -0.4
-    p_std: float = 1.0
-    p_uncond: float = 0.1  # probability that a clip trains the guidance null query instead of v_i
-    latent_scale: float = 0.0  # 0 = measure on the data (std / sigma_data) at step 0
+    p_mean: float = option(-0.4, "pretrain: mean of ln t")
+    p_std: float = option(1.0, "pretrain: standard deviation of ln t")
+    p_uncond: float = option(0.1, "probability that a clip trains the guidance null query instead of v_i")
+    latent_scale: float = option(0.0, "pretrain: latent scale; 0 = measure std / sigma_data on the data")
     # ECT (Algorithm 2)
-    ect_p_mean: float = -1.1
-    ect_p_std: float = 2.0
-    ect_q: float = 4.0
-    ect_k: float = 8.0
-    ect_b: float = 1.0
-    ect_stage_steps: int = 250  # steps per ECT stage: t - r shrinks by q at every stage
-    huber_c: float = 0.0  # pseudo-Huber c; 0 = iCT's 0.00054 * sqrt(latent_dim)
+    ect_p_mean: float = option(-1.1, "ECT: mean of ln t")
+    ect_p_std: float = option(2.0, "ECT: standard deviation of ln t")
+    ect_q: float = option(4.0, "ECT: t - r shrinks by this factor at every stage")
+    ect_k: float = option(8.0, "ECT: k of the r mapping")
+    ect_b: float = option(1.0, "ECT: b of the r mapping")
+    ect_stage_steps: int = option(250, "ECT: steps per stage")
+    huber_c: float = option(0.0, "ECT: pseudo-Huber c; 0 = iCT's 0.00054 * sqrt(latent_dim)")
     consistency_steps: dict[int, tuple[float, ...]] = field(
         default_factory=lambda: {1: (80.0,), 2: (80.0, 0.821), 4: (80.0, 24.4, 5.84, 0.9)}
-    )
+    )  # sampler step times per NFE written into the ECT checkpoint
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
