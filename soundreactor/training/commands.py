@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace, stage: str) -> None:
     from soundreactor.training.loop import default_device, train
 
     cfg = _config(args, stage)
-    device = torch.device(args.device) if args.device else default_device()
+    device = default_device(args.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = _model(args)
@@ -87,7 +87,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="start from seeded random weights of this preset instead of --init")
     parser.add_argument("--model-seed", type=int, default=0, help="seed of the random weights with --preset")
     parser.add_argument("--out-dir", required=True, help="run directory: resumes if it holds state.pt")
-    parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda:LOCAL_RANK if there is a GPU)")
+    parser.add_argument(
+        "--device",
+        help="cpu or cuda (default: cuda if there is a GPU; under torchrun each rank takes GPU LOCAL_RANK)",
+    )
     _config_options(parser)
 
 

@@ -65,7 +65,7 @@ class Conditioner(nn.Module):
         vision = self.tokenizer(grids.flatten(0, 1), prev_grids.flatten(0, 1), has_prev.flatten())
         vision = vision.view(batch, frames, -1)
         prev = torch.cat((torch.zeros_like(latents[:, :1]), latents[:, :-1]), dim=1)
-        audio = self.transformer.audio_token(prev.flatten(0, 1), (has_prev == 0).flatten())
+        audio = self.transformer.audio_token(prev.flatten(0, 1), ~has_prev.flatten())
         sequence = interleave(audio.view(batch, frames, -1), vision)
         nulls = vision_position(torch.arange(frames, device=grids.device))
         hidden, null_hidden = self.transformer.forward_train(sequence, nulls)

@@ -60,14 +60,18 @@ def distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size); joins the process group torchrun describes in the environment (NCCL for GPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL binds each rank to its own GPU
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank() if world > 1 else 0), world
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+def default_device(name: str | None = None) -> torch.device:
+    """The named device, else a GPU if there is one; a bare "cuda" means this rank's GPU (LOCAL_RANK)."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
