@@ -258,3 +258,28 @@ def test_cli_names_a_missing_start(tmp_path: Path, capsys) -> None:
         == 2
     )
     assert "video folder not found" in capsys.readouterr().err
+
+
+def test_ect_gap_anneals_by_q_per_stage() -> None:
+    from soundreactor.training.ect import ect_r
+
+    t = torch.tensor([1e-3, 0.1, 1.0, 10.0, 80.0])
+    gaps = [t - ect_r(t, stage, q=4.0, k=8.0, b=1.0) for stage in range(4)]
+    for stage, gap in enumerate(gaps):
+        r = t - gap
+        assert (r >= 0).all() and (r < t).all()
+        if stage:
+            # where r > 0 the gap is t q^-(stage+1) (1 + k sigmoid(-b t)): a factor q smaller per stage
+            positive = ect_r(t, stage - 1, 4.0, 8.0, 1.0) > 0
+            torch.testing.assert_close(gap[positive] * 4, gaps[stage - 1][positive], rtol=1e-5, atol=0)
+    # large t: sigmoid(-b t) vanishes and r -> t (1 - q^-(stage+1))
+    torch.testing.assert_close(ect_r(torch.tensor([80.0]), 0, 4.0, 8.0, 1.0), torch.tensor([60.0]))
+
+
+def test_kl_warm_up_starts_without_kl() -> None:
+    from soundreactor.training.vae import kl_weight
+
+    cfg = TrainConfig("vae", kl_weight=1e-5, kl_warmup=100)
+    assert [kl_weight(cfg, s) for s in (0, 50)] == [0.0, 0.0]
+    assert kl_weight(cfg, 75) == pytest.approx(5e-6)
+    assert kl_weight(cfg, 100) == kl_weight(cfg, 10_000) == 1e-5

@@ -19,7 +19,9 @@ from soundreactor.checkpoint import save_checkpoint
 from soundreactor.config import ModelConfig
 from soundreactor.model.soundreactor import SoundReactor
 from soundreactor.training import diffusion, ect
+from soundreactor.training.data import GridCache, VideoFolder, clip_grids
 from soundreactor.training.loop import Task, atomic_write, step_generator
+from soundreactor.training.synthetic import SyntheticAV
 from soundreactor.training.train_config import TrainConfig
 from soundreactor.training.vae import VAETrainee, folded_state, kl_weight
 
@@ -34,18 +36,12 @@ def dataset(cfg: TrainConfig, model: SoundReactor, frames: int):
     """Clips with `.frames` uint8 [N, H, W, 3] and `.audio` float32 [2, N * hop]: the synthetic set at the model's
     vision size, or every video under the folder `cfg.data`."""
     if cfg.data == "synthetic":
-        from soundreactor.training.synthetic import SyntheticAV
-
         return SyntheticAV(cfg.data_seed, cfg.dataset_size, frames, hw=model.config.vision_hw, hum=cfg.hum)
-    from soundreactor.training.data import VideoFolder
-
     return VideoFolder(cfg.data, frames)
 
 
 def clip_id(clips, i: int) -> str:
     """What identifies clip i's content, for the grid cache."""
-    from soundreactor.training.synthetic import SyntheticAV
-
     if isinstance(clips, SyntheticAV):
         return f"synthetic|{clips.clip_seed(i)}|{clips.n_frames}|{clips.hw}|{clips.hum}"
     return clips.clip_id(i)
@@ -60,8 +56,6 @@ class Features:
     on disk by a `data.GridCache` when `grid_cache` names a folder, else recomputed)."""
 
     def __init__(self, model: SoundReactor, clips, grid_cache: str | Path | None = None) -> None:
-        from soundreactor.training.data import GridCache
-
         self.model, self.clips = model, clips
         self.cache = GridCache(grid_cache, model) if grid_cache else None
         self.latents: dict[int, Tensor] = {}
@@ -70,13 +64,11 @@ class Features:
     def latent(self, i: int, clip=None) -> Tensor:
         if i not in self.latents:
             audio = torch.from_numpy((clip or self.clips[i]).audio)[None]
-            self.latents[i] = self.model.vae.encode(audio.to(self.model.transformer.start.device))[0].T
+            self.latents[i] = self.model.vae.encode(audio.to(next(self.model.vae.parameters()).device))[0].T
         return self.latents[i]
 
     @torch.no_grad()
     def __call__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        from soundreactor.training.data import clip_grids
-
         latents, grids = [], []
         for i in indices.tolist():
             clip = self.clips[i]

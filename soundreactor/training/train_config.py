@@ -39,7 +39,7 @@ class TrainConfig:
     l1_weight: float = option(1.0, "VAE: weight of the waveform L1")
     stft_weight: float = option(1.0, "VAE: weight of the multi-resolution STFT loss")
     envelope_weight: float = option(1.0, "VAE: weight of the log-RMS envelope L1 (keeps onsets and decays)")
-    kl_weight: float = option(1e-4, "VAE: weight of the KL term after the warm-up")
+    kl_weight: float = option(1e-5, "VAE: weight of the KL term after the warm-up (the official config's)")
     kl_warmup: int = option(500, "VAE: steps without KL for the first half, then a linear ramp")
     # diffusion pretraining (Algorithm 1, EDM2 loss)
     p_mean: float = option(-0.4, "pretrain: mean of ln t")
