@@ -70,6 +70,8 @@ def _run(args: argparse.Namespace, stage: str) -> None:
                 raise ValueError("--stage ect starts from a pretrained checkpoint: give --init")
             task = stages.ar_task(model, cfg, device, args.grid_cache)
     path = train(task, cfg, args.out_dir, device)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path}")
 
