@@ -46,7 +46,7 @@ def make_task(stage: str, **options) -> loop.Task:
 
 @pytest.mark.parametrize("stage", ["vae", "pretrain", "ect"])
 def test_one_gradient_step_lowers_the_loss_on_a_fixed_batch(stage: str) -> None:
-    task = make_task(stage)
+    task = make_task(stage, kl_warmup=0)  # the VAE with posterior noise and KL from the start
     batch = task.batch(0, slice(0, SMALL["batch_size"]))
     params = [p for p in task.module.parameters() if p.requires_grad]
     loss, metrics = task.module(**batch)
@@ -276,10 +276,18 @@ def test_ect_gap_anneals_by_q_per_stage() -> None:
     torch.testing.assert_close(ect_r(torch.tensor([80.0]), 0, 4.0, 8.0, 1.0), torch.tensor([60.0]))
 
 
-def test_kl_warm_up_starts_without_kl() -> None:
-    from soundreactor.training.vae import kl_weight
+def test_vae_warm_up_starts_as_a_plain_autoencoder() -> None:
+    from soundreactor.training.vae import warmup
 
-    cfg = TrainConfig("vae", kl_weight=1e-5, kl_warmup=100)
-    assert [kl_weight(cfg, s) for s in (0, 50)] == [0.0, 0.0]
-    assert kl_weight(cfg, 75) == pytest.approx(5e-6)
-    assert kl_weight(cfg, 100) == kl_weight(cfg, 10_000) == 1e-5
+    cfg = TrainConfig("vae", kl_warmup=100)
+    assert [warmup(cfg, s) for s in (0, 50)] == [0.0, 0.0]
+    assert warmup(cfg, 75) == pytest.approx(0.5)
+    assert warmup(cfg, 100) == warmup(cfg, 10_000) == 1.0
+    task = make_task("vae", kl_warmup=100)
+    batch = task.batch(0, slice(0, 2))
+    assert batch["warmup"] == 0  # no posterior noise: the reconstruction of the mean, twice
+    first, second = (
+        task.module(**batch)[0],
+        task.module(**{**batch, "eps": torch.randn_like(batch["eps"])})[0],
+    )
+    assert first == second

@@ -23,7 +23,7 @@ from soundreactor.training.data import GridCache, VideoFolder, clip_grids
 from soundreactor.training.loop import Task, atomic_write, step_generator
 from soundreactor.training.synthetic import SyntheticAV
 from soundreactor.training.train_config import TrainConfig
-from soundreactor.training.vae import VAETrainee, folded_state, kl_weight
+from soundreactor.training.vae import VAETrainee, folded_state, warmup
 
 LATENT_SCALE_CLIPS = 32  # clips the latent standard deviation is measured on
 
@@ -96,7 +96,7 @@ def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
         indices = torch.randint(len(clips), (cfg.batch_size,), generator=gen)
         eps = torch.randn(cfg.batch_size, latent_dim, frames, generator=gen)
         audio = torch.from_numpy(np.stack([clips[i].audio for i in indices[part].tolist()]))
-        return {"audio": audio, "eps": eps[part], "kl_weight": torch.tensor(kl_weight(cfg, step))}
+        return {"audio": audio, "eps": eps[part], "warmup": torch.tensor(warmup(cfg, step))}
 
     def export(module: nn.Module, path: Path, extra: dict[str, str]) -> None:
         out = copy.deepcopy(model).cpu()

@@ -40,7 +40,9 @@ class TrainConfig:
     stft_weight: float = option(1.0, "VAE: weight of the multi-resolution STFT loss")
     envelope_weight: float = option(1.0, "VAE: weight of the log-RMS envelope L1 (keeps onsets and decays)")
     kl_weight: float = option(1e-5, "VAE: weight of the KL term after the warm-up (the official config's)")
-    kl_warmup: int = option(500, "VAE: steps without KL for the first half, then a linear ramp")
+    kl_warmup: int = option(
+        500, "VAE: steps of bottleneck warm-up: no KL and no posterior noise for the first half, then a ramp"
+    )
     # diffusion pretraining (Algorithm 1, EDM2 loss)
     p_mean: float = option(-0.4, "pretrain: mean of ln t")
     p_std: float = option(1.0, "pretrain: standard deviation of ln t")

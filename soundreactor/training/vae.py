@@ -57,15 +57,20 @@ def log_envelope(audio: Tensor) -> Tensor:
     return 0.5 * torch.log(power + ENVELOPE_FLOOR**2)
 
 
-def kl_weight(cfg: TrainConfig, step: int) -> float:
-    """KL weight at a step: 0 for the first half of the warm-up, then a linear ramp to cfg.kl_weight."""
+def warmup(cfg: TrainConfig, step: int) -> float:
+    """Bottleneck warm-up factor in [0, 1]: 0 for the first half of cfg.kl_warmup steps, then a linear ramp.
+
+    It scales both the KL weight and the posterior noise: the VAE starts as a plain autoencoder, so the decoder
+    learns to read the latents before noise and KL can teach it to ignore them (a tiny VAE trained with both
+    from step 0 collapsed to the prior, KL 0.07, within 750 steps here).
+    """
     if cfg.kl_warmup <= 0:
-        return cfg.kl_weight
-    return cfg.kl_weight * min(1.0, max(0.0, 2.0 * step / cfg.kl_warmup - 1.0))
+        return 1.0
+    return min(1.0, max(0.0, 2.0 * step / cfg.kl_warmup - 1.0))
 
 
 class VAETrainee(nn.Module):
-    """forward(audio [B, 2, T], eps [B, latent, T/hop], kl_weight []) -> (loss, metrics)."""
+    """forward(audio [B, 2, T], eps [B, latent, T/hop], warmup [] (see `warmup`)) -> (loss, metrics)."""
 
     def __init__(self, vae: AudioVAE, cfg: TrainConfig) -> None:
         super().__init__()
@@ -84,15 +89,16 @@ class VAETrainee(nn.Module):
             w_lin_mag=1.0,
         )
 
-    def forward(self, audio: Tensor, eps: Tensor, kl_weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, audio: Tensor, eps: Tensor, warmup: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         mean, logvar = self.vae.encoder(audio).split(self.latent_dim, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
-        latents = mean + torch.exp(0.5 * logvar) * eps
+        latents = mean + warmup * torch.exp(0.5 * logvar) * eps
         recon = self.vae.decoder(latents).float()
         l1 = (recon - audio).abs().mean()
         stft = self.stft(recon, audio)
         envelope = (log_envelope(recon) - log_envelope(audio)).abs().mean()
         kl = 0.5 * (mean.square() + logvar.exp() - logvar - 1).float().sum(1).mean()
         cfg = self.cfg
-        loss = cfg.l1_weight * l1 + cfg.stft_weight * stft + cfg.envelope_weight * envelope + kl_weight * kl
+        loss = cfg.l1_weight * l1 + cfg.stft_weight * stft + cfg.envelope_weight * envelope
+        loss = loss + warmup * cfg.kl_weight * kl
         return loss, {"l1": l1, "stft": stft, "envelope": envelope, "kl": kl}
