@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import auraloss
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,8 +62,8 @@ def warmup(cfg: TrainConfig, step: int) -> float:
     """Bottleneck warm-up factor in [0, 1]: 0 for the first half of cfg.kl_warmup steps, then a linear ramp.
 
     It scales both the KL weight and the posterior noise: the VAE starts as a plain autoencoder, so the decoder
-    learns to read the latents before noise and KL can teach it to ignore them (a tiny VAE trained with both
-    from step 0 collapsed to the prior, KL 0.07, within 750 steps here).
+    learns to read the latents before noise and KL can teach it to ignore them (with posterior noise from step 0
+    a tiny VAE collapsed to the prior here: KL 0.07 after 750 steps at KL weight 1e-4, 0.5 after 370 at 1e-5).
     """
     if cfg.kl_warmup <= 0:
         return 1.0
@@ -74,8 +75,6 @@ class VAETrainee(nn.Module):
 
     def __init__(self, vae: AudioVAE, cfg: TrainConfig) -> None:
         super().__init__()
-        import auraloss
-
         self.cfg = cfg
         self.latent_dim = vae.cfg.latent_dim
         self.vae = with_weight_norm(vae)
