@@ -291,3 +291,12 @@ def test_vae_warm_up_starts_as_a_plain_autoencoder() -> None:
         task.module(**{**batch, "eps": torch.randn_like(batch["eps"])})[0],
     )
     assert first == second
+
+
+def test_vae_run_reports_onsets_at_every_checkpoint(tmp_path: Path) -> None:
+    cfg = TrainConfig("vae", steps=2, **SMALL)
+    loop.train(make_task("vae", steps=2), cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / loop.EVAL).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]
+    assert set(rows[0]) == {"step", "onset_f1", "onset_precision", "onset_recall", "envelope_corr"}
+    assert 0.0 <= rows[0]["onset_f1"] <= 1.0

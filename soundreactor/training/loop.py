@@ -8,7 +8,8 @@ resumed from a checkpoint, or split over N ranks, computes what one uninterrupte
 Files in the run directory (written by rank 0):
 - `state.pt`: resumable state (weights, EMA, optimizer, step, RNG states, both configs), temp file + rename;
 - `model.safetensors`: the EMA weights as a SoundReactor checkpoint (training config in its metadata);
-- `log.jsonl`: one JSON line of losses per step; `losses.png`: their curves.
+- `log.jsonl`: one JSON line of losses per step; `losses.png`: their curves;
+- `eval.jsonl`: the stage's quality figures at every checkpoint, where it has some (the VAE's onsets).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from soundreactor.training.train_config import TrainConfig
 STATE = "state.pt"
 MODEL = "model.safetensors"
 LOG = "log.jsonl"
+EVAL = "eval.jsonl"
 PLOT = "losses.png"
 
 
@@ -42,11 +44,13 @@ class Task:
     module: the trained nn.Module; module(**batch) -> (loss scalar, {name: scalar tensor} to log).
     batch(step, part): this rank's `part` (a slice of the global batch) of step `step`'s inputs.
     export(module, path): write the SoundReactor checkpoint made from `module`'s (EMA) weights.
+    evaluate(module): optional figures of the (EMA) weights at every checkpoint, appended to `eval.jsonl`.
     """
 
     module: nn.Module
     batch: Callable[[int, slice], dict[str, Tensor]]
     export: Callable[[nn.Module, Path, dict[str, str]], None]
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -150,6 +154,7 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
         start = int(state["step"])
         if rank == 0:
             _truncate_log(out / LOG, start)
+            _truncate_log(out / EVAL, start)
     if start >= cfg.steps:
         return out / MODEL
     trained = DistributedDataParallel(module) if world > 1 else module
@@ -186,6 +191,15 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
                 _save(out, step + 1, cfg, module, ema, optimizer, device)
                 task.export(ema.module, out / MODEL, {"training": cfg.to_json(), "step": str(step + 1)})
                 plot_log(out / LOG, out / PLOT)
+                if task.evaluate is not None:
+                    figures = {"step": step + 1, **task.evaluate(ema.module)}
+                    with open(out / EVAL, "a") as f:
+                        f.write(json.dumps(figures) + "\n")
+                    bar.write(
+                        " ".join(
+                            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
+                        )
+                    )
             if world > 1:
                 dist.barrier()
     bar.close()

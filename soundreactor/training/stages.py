@@ -20,12 +20,14 @@ from soundreactor.config import ModelConfig
 from soundreactor.model.soundreactor import SoundReactor
 from soundreactor.training import diffusion, ect
 from soundreactor.training.data import GridCache, VideoFolder, clip_grids
+from soundreactor.training.evaluate import evaluate_vae
 from soundreactor.training.loop import Task, atomic_write, step_generator
 from soundreactor.training.synthetic import SyntheticAV
 from soundreactor.training.train_config import TrainConfig
 from soundreactor.training.vae import VAETrainee, folded_state, warmup
 
 LATENT_SCALE_CLIPS = 32  # clips the latent standard deviation is measured on
+VAE_EVAL_SCENES, VAE_EVAL_FRAMES = 4, 60  # held-out scenes the VAE reconstructs at every checkpoint (8 s)
 
 
 def clip_frames(cfg: TrainConfig, model: SoundReactor) -> int:
@@ -103,7 +105,12 @@ def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
         out.vae.load_state_dict(folded_state(module.vae))
         _save(out, out.config, path, extra)
 
-    return Task(trainee, batch, export)
+    def evaluate(module: nn.Module) -> dict[str, float]:
+        """Onsets and envelope of the VAE's reconstructions of held-out scenes: what it keeps, not its loss."""
+        figures = evaluate_vae(module.vae, scenes=VAE_EVAL_SCENES, n_frames=VAE_EVAL_FRAMES)["reconstruction"]
+        return {k: figures[k] for k in ("onset_f1", "onset_precision", "onset_recall", "envelope_corr")}
+
+    return Task(trainee, batch, export, evaluate)
 
 
 def ar_task(
