@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from tolerance import rounding_atol
 from torch import nn
 
 from soundreactor.config import paper, tiny
@@ -20,6 +21,12 @@ from soundreactor.model.vae import (
 )
 
 HOP = 1600
+
+
+def depth(module: nn.Module) -> int:
+    """Rounding steps a signal passes through: every conv and snake (the depth factor of `rounding_atol`)."""
+    kinds = (nn.Conv1d, nn.ConvTranspose1d, SnakeBeta, FoldedSnakeBeta)
+    return sum(isinstance(m, kinds) for m in module.modules())
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +112,10 @@ def test_folded_snakes_decode_as_the_reference(tiny_vae):
         for i in range(z.shape[-1]):
             audio, state = tiny_vae.decoder.step(z[:, :, i], state)
             folded_audio, folded_state = folded.step(z[:, :, i], folded_state)
-            # the same products in fp32; addcmul rounds once where the reference rounds twice
-            torch.testing.assert_close(folded_audio, audio, atol=1e-6, rtol=0)
+            # the same products in fp32; addcmul rounds once where the reference rounds twice, in every layer
+            # (measured 1.07e-6 on an AVX2 CPU, under 1e-6 on AVX-512)
+            atol = rounding_atol(audio, depth(folded))
+            torch.testing.assert_close(folded_audio, audio, atol=atol, rtol=0)
     assert audio.abs().max() > 0.05
 
 
@@ -175,7 +184,9 @@ def test_fold_weight_norm_matches_torch(module, dim):
         assert list(state["weight_g"].shape) == [8, 1, 1]  # dim 0 is the input channel here too
     folded = fold_weight_norm({"conv." + k: v for k, v in state.items()})
     assert sorted(folded) == ["conv.bias", "conv.weight"]
-    torch.testing.assert_close(folded["conv.weight"], wn.weight.detach(), atol=1e-6, rtol=1e-5)
+    # g v / ||v|| in another order than torch's: one norm (a sum over the fan-in) and one product apart
+    atol = rounding_atol(wn.weight.detach(), depth=2)
+    torch.testing.assert_close(folded["conv.weight"], wn.weight.detach(), atol=atol, rtol=0)
 
 
 def _official_state(vae: AudioVAE, prefix: str) -> dict:
@@ -259,7 +270,10 @@ def test_streaming_matches_offline_and_is_pure(tiny_vae):
             state = new_state
     assert offline.shape == (2, 2, frames * HOP)
     assert offline.abs().max() > 0.05  # a silent decoder would make the comparison vacuous
-    torch.testing.assert_close(torch.cat(chunks, -1), offline, atol=1e-5, rtol=0)
+    # the same convolutions on chunks with carried state: each layer's sums may block differently
+    torch.testing.assert_close(
+        torch.cat(chunks, -1), offline, atol=rounding_atol(offline, depth(decoder)), rtol=0
+    )
 
 
 def test_zero_lookahead(tiny_vae):
@@ -269,8 +283,10 @@ def test_zero_lookahead(tiny_vae):
     changed[:, :, 5:] = torch.randn(1, 64, 3)
     with torch.no_grad():
         a, b = tiny_vae.decode(z), tiny_vae.decode(changed)
-    # Frames 0..4 must not see frames 5..7 (1e-6: float noise only); frame 5 itself must change.
-    torch.testing.assert_close(a[..., : 5 * HOP], b[..., : 5 * HOP], atol=1e-6, rtol=0)
+    # Frames 0..4 must not see frames 5..7 (rounding only: a conv may block its sums by sequence length);
+    # frame 5 itself must change.
+    atol = rounding_atol(a[..., : 5 * HOP], depth(tiny_vae.decoder))
+    torch.testing.assert_close(a[..., : 5 * HOP], b[..., : 5 * HOP], atol=atol, rtol=0)
     assert (a[..., 5 * HOP : 6 * HOP] - b[..., 5 * HOP : 6 * HOP]).abs().max() > 1e-3
 
 
