@@ -126,4 +126,8 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
             f"{path} lacks soundreactor metadata (format {metadata.get('format')!r}); "
             f"build a checkpoint with `soundreactor init`"
         )
-    return ModelConfig.from_json(metadata["config"]), tensors
+    try:  # validated before any model is built: the file is untrusted
+        config = ModelConfig.from_json(metadata["config"])
+    except ValueError as err:
+        raise CheckpointError(f"{path} stores an invalid model config: {err}") from None
+    return config, tensors

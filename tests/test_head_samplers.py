@@ -206,7 +206,7 @@ def test_sampler_dispatch_and_noise_shapes() -> None:
         )
     with pytest.raises(ValueError, match=r"noise must be \[B, 4, latent\]"):
         sample(head, z, torch.randn(2, 2, LATENT), SamplerConfig(nfe=4))
-    with pytest.raises(ValueError, match="expected 3"):
+    with pytest.raises(ValueError, match=r"consistency_steps\[3\] must be 3 finite positive"):
         noise_shape(SamplerConfig(nfe=3, consistency_steps={3: (80.0, 1.0)}), LATENT)
 
 
