@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from soundreactor.config import tiny
 from soundreactor.engine import cache
 from soundreactor.engine.bindings import check_engine_io, engine_graph_spec
 from soundreactor.engine.builder import build_engines, parser_errors, progress_monitor
@@ -27,7 +28,7 @@ from soundreactor.engine.cache import (
     write_engine,
 )
 from soundreactor.engine.tensorrt_env import TensorRTMissing, require_cudart, require_tensorrt
-from soundreactor.export.manifest import GraphSpec, Manifest, TensorSpec, file_sha256
+from soundreactor.export.manifest import FRAME_ORDER, GraphSpec, Manifest, TensorSpec, file_sha256
 
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0", 132, 85_045_395_456)
 H200 = GpuIdentity("NVIDIA H200", "9.0", 132, 150_754_820_096)
@@ -161,10 +162,10 @@ def test_a_crash_mid_write_leaves_nothing_loadable(tmp_path, monkeypatch, crash_
 
 
 def write_tiny_export(directory: Path, scale: float = 1.0) -> Manifest:
-    """An export directory of two one-node graphs, enough for the build loop."""
+    """An export directory of one-node graphs under the five names the runtime needs, enough for the build loop."""
     directory.mkdir(exist_ok=True)
     specs = []
-    for name in ("vision", "sampler"):
+    for name in FRAME_ORDER:
         node = helper.make_node("Mul", ["x", "k"], ["y"])
         k = helper.make_tensor("k", TensorProto.FLOAT, [], [scale])
         x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in "xy")
@@ -174,7 +175,8 @@ def write_tiny_export(directory: Path, scale: float = 1.0) -> Manifest:
         io = (TensorSpec("x", (2, 3), "float32", ""),), (TensorSpec("y", (2, 3), "float32", ""),)
         specs.append(GraphSpec(name, f"{name}.onnx", *io, {}))
     files = {f"{g.name}.onnx": file_sha256(directory / f"{g.name}.onnx") for g in specs}
-    manifest = Manifest("tiny", {}, None, 1, 3.0, (2, 3), 2, "fp32", 23, {}, tuple(specs), files)
+    config = tiny().to_dict()
+    manifest = Manifest("tiny", config, None, 1, 3.0, (2, 3), 2, "fp32", 23, {}, tuple(specs), files)
     manifest.save(directory)
     return manifest
 
@@ -190,7 +192,7 @@ def test_build_loop_caches_rebuilds_and_keeps_other_setups(tmp_path):
     write_tiny_export(tmp_path)
     lines = []
     results = build_engines(tmp_path, TRT, H100, build=fake_build, log=lines.append)
-    assert built == ["vision", "sampler"] and all(r.built for r in results)
+    assert built == list(FRAME_ORDER) and all(r.built for r in results)
     assert any(
         line.startswith("vision: ") and " s -> vision." in line for line in lines
     )  # seconds per engine
@@ -199,17 +201,17 @@ def test_build_loop_caches_rebuilds_and_keeps_other_setups(tmp_path):
     assert not any(r.built for r in build_engines(tmp_path, TRT, H100, build=fake_build, log=lines.append))
     assert built == []  # cached
     build_engines(tmp_path, TRT, H100, force=True, build=fake_build, log=lines.append)
-    assert built == ["vision", "sampler"]
+    assert built == list(FRAME_ORDER)
 
     built.clear()
     build_engines(tmp_path, TRT, H200, build=fake_build, log=lines.append)  # another GPU: its own engines
-    assert built == ["vision", "sampler"] and len(list(tmp_path.glob("vision.*.engine"))) == 2
+    assert built == list(FRAME_ORDER) and len(list(tmp_path.glob("vision.*.engine"))) == 2
 
     built.clear()
     refit = BuildOptions(refittable=True)
     build_engines(tmp_path, TRT, H100, refit, build=fake_build, log=lines.append)
-    assert built == ["vision", "sampler"]  # other options, same setup: replaces the H100 engine
-    sha = results[0].record.target.onnx_sha256
+    assert built == list(FRAME_ORDER)  # other options, same setup: replaces the H100 engine
+    sha = results[FRAME_ORDER.index("vision")].record.target.onnx_sha256
     assert find_engine(tmp_path, "vision", sha, TRT, H100).target.options == refit
     assert find_engine(tmp_path, "vision", sha, TRT, H200).target.options == BuildOptions()
     assert len(list(tmp_path.glob("vision.*.engine"))) == len(list(tmp_path.glob("vision.*.json"))) == 2
@@ -217,9 +219,9 @@ def test_build_loop_caches_rebuilds_and_keeps_other_setups(tmp_path):
     built.clear()
     engine = next(p for p in tmp_path.glob("sampler.*.engine") if b"refittable=True" in p.read_bytes())
     engine.write_bytes(engine.read_bytes()[:3])  # truncated: rebuilt, not trusted
-    write_tiny_export(tmp_path, scale=2.0)  # re-exported with new weights in vision and sampler
+    write_tiny_export(tmp_path, scale=2.0)  # re-exported with new weights in every graph
     build_engines(tmp_path, TRT, H100, refit, build=fake_build, log=lines.append)
-    assert built == ["vision", "sampler"]
+    assert built == list(FRAME_ORDER)
 
 
 def fake_engine(io: list[tuple[str, tuple[int, ...], str, str]], aliases: dict[str, str]) -> SimpleNamespace:
