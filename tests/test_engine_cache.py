@@ -138,6 +138,28 @@ def test_missing_truncated_and_altered_engine_files_are_reported(tmp_path):
     sidecar_path.write_text("{not json")
     with pytest.raises(EngineCacheError, match="not a readable engine sidecar"):
         find_engine(tmp_path, "ar_audio", SHA, TRT, H100)
+    for text, reason in (
+        ("[]", r"it holds a JSON list, not an object"),
+        ('"engine"', r"it holds a JSON str, not an object"),
+        ('{"format": "soundreactor-engine/1", "target": []}', r"its target must be an object"),
+    ):
+        sidecar_path.write_text(text.replace("soundreactor-engine/1", cache.FORMAT))
+        with pytest.raises(
+            EngineCacheError, match=rf"{sidecar_path.name} is not a readable engine sidecar.*{reason}"
+        ):
+            find_engine(tmp_path, "ar_audio", SHA, TRT, H100)
+
+
+def test_a_sidecar_cannot_name_an_engine_outside_its_graph(tmp_path):
+    """The engine file's name comes from the sidecar's target: a foreign graph name (a path) is refused."""
+    record = write_engine(tmp_path, target(), b"0123456789", 1.0)
+    _, sidecar_path = target().paths(tmp_path)
+    data = json.loads(sidecar_path.read_text())
+    data["target"]["graph"] = "../ar_audio"
+    sidecar_path.write_text(json.dumps(data))
+    with pytest.raises(EngineCacheError, match=r"it describes another engine \(\.\./ar_audio\."):
+        find_engine(tmp_path, "ar_audio", SHA, TRT, H100)
+    assert record.target.graph == "ar_audio"
 
 
 @pytest.mark.parametrize("crash_at", [1, 2])  # 1: while the engine is replaced, 2: while its sidecar is
