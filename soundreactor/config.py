@@ -233,6 +233,11 @@ class SamplerConfig:
             )
 
 
+def check_guidance(value: float) -> float:
+    """A guidance weight w given at run time (CLI, backends), held to SamplerConfig's bounds; ValueError if not."""
+    return SamplerConfig(guidance=value).guidance
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str

@@ -8,8 +8,10 @@ import pytest
 from safetensors.torch import save_file
 
 from soundreactor.checkpoint import CheckpointError
-from soundreactor.config import MAX_PARAMETERS, ModelConfig, paper, tiny
-from soundreactor.model.soundreactor import SoundReactor
+from soundreactor.cli import main
+from soundreactor.config import MAX_PARAMETERS, ModelConfig, check_guidance, paper, tiny
+from soundreactor.demo_video import make_demo_video
+from soundreactor.model.soundreactor import SoundReactor, init_model
 
 
 def stored(changes: dict) -> str:
@@ -101,3 +103,24 @@ def test_checkpoint_with_absurd_config_is_refused_before_building(tmp_path):
         CheckpointError, match=r"absurd\.safetensors stores an invalid model config: .*n_layers"
     ):
         SoundReactor.load(path)
+
+
+def test_run_refuses_an_absurd_guidance_weight(tmp_path, capsys):
+    """`--guidance inf` made all-NaN audio with exit 0; it is refused before any frame, naming the field."""
+    init_model("tiny")[0].save(tmp_path / "tiny.safetensors")
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.1, size=(48, 80))
+    out = tmp_path / "out.wav"
+    argv = [
+        "run",
+        "--checkpoint",
+        str(tmp_path / "tiny.safetensors"),
+        "--video",
+        str(video),
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, "--guidance", "inf"]) == 2
+    assert "error: SamplerConfig.guidance must be a finite number" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"SamplerConfig\.guidance .* got nan"):
+        check_guidance(math.nan)
