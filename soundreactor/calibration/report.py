@@ -261,15 +261,19 @@ def evaluate(
     kernels: an informational figure for ORT CPU deployment on this machine's instruction set, never judged.
     """
     quantized = Path(quantized)
-    record = json.loads((quantized / RECORD_NAME).read_text())
-    graphs = {
-        name: g["scheme"] for name, g in record["graphs"].items() if g["scheme"] != record["source_precision"]
-    }
-    fp32, quant = GraphChain(reference, seed), GraphChain(quantized, seed)
+    fp32, quant = GraphChain(reference, seed), GraphChain(quantized, seed)  # every listed file hash-checked
     if fp32.manifest.graphs != quant.manifest.graphs:
         raise ValueError(
             f"{quantized} was not made from {reference}: their graphs' inputs and outputs differ"
         )
+    if RECORD_NAME not in quant.manifest.files:
+        raise ValueError(
+            f"{quantized} lists no {RECORD_NAME} in its manifest: is it a `soundreactor calibrate` output?"
+        )
+    record = json.loads((quantized / RECORD_NAME).read_text())
+    graphs = {
+        name: g["scheme"] for name, g in record["graphs"].items() if g["scheme"] != record["source_precision"]
+    }
     rate = fp32.manifest.config["vae"]["sample_rate"]
     own = {name: Accumulator() for name in graphs}
     end_to_end, per_frame, own_audio = run_pipelines(fp32, quant, source, rate, own)
