@@ -9,6 +9,7 @@ model (random weights) runs on machines without it, such as the GPU image.
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -23,8 +24,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is; the message says what is wrong and what to do."""
 
 
-def read_tensor_file(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a `.safetensors`, `.pth` or `.ckpt` file, flattened one level if they sit under `state_dict`."""
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
+    """Tensors of a `.safetensors`, `.pth` or `.ckpt` file and how they were stored (for reports).
+
+    A torch file's tensors may sit under a `state_dict` entry (PyTorch Lightning checkpoints, stable-audio-tools'
+    `export_model`), nested any number of times; entries that are not tensors (optimizer state, epoch) are ignored.
+    Raises FileNotFoundError, or CheckpointError for an unreadable file or one that needs pickled code.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -33,38 +39,62 @@ def read_tensor_file(path: str | Path) -> dict[str, Tensor]:
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+                return {k: f.get_tensor(k) for k in f.keys()}, "safetensors"  # noqa: SIM118 (no __iter__)
         except SafetensorError as err:
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's own message advises weights_only=False, i.e. running the file's code: never repeat it
+        blocked = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        found = f" (it needs {blocked.group(1)})" if blocked else ""
         raise CheckpointError(
-            f"{path} holds pickled objects beyond plain tensors, and we refuse to execute pickled code. "
-            f"Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as safetensors. ({err})"
-        ) from err
+            f"{path} holds pickled Python objects beyond plain tensors{found}; loading it could run arbitrary "
+            "code, so it is refused. Convert it safely: on an isolated machine, and only if you trust where the "
+            "file came from, load it there and save its tensors with safetensors "
+            "(safetensors.torch.save_file(state_dict, 'weights.safetensors')), then pass the .safetensors file."
+        ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path} is not a readable torch file: {err}") from err
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+    container = "torch file"
+    while isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
+        container += ", under 'state_dict'"
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(raw).__name__})")
-    return {k: v for k, v in raw.items() if isinstance(v, Tensor)}
+    return {k: v for k, v in raw.items() if isinstance(v, Tensor)}, container
+
+
+def read_tensor_file(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of `read_weights`."""
+    return read_weights(path)[0]
 
 
 def check_state_dict(expected: dict[str, Tensor], given: dict[str, Tensor], what: str) -> None:
-    """Raise one error naming every missing, unexpected and mis-shaped key."""
+    """Raise one error naming every missing, unexpected, mis-shaped and mis-typed key (dtypes must match exactly:
+    a float tensor relabelled int32 would load as garbage)."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
+    common = sorted(set(expected) & set(given))
     misshaped = [
         f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
-        for k in sorted(set(expected) & set(given))
+        for k in common
         if expected[k].shape != given[k].shape
     ]
-    if not (missing or unexpected or misshaped):
+    mistyped = [
+        f"{k}: expected {expected[k].dtype}, got {given[k].dtype}"
+        for k in common
+        if expected[k].dtype != given[k].dtype
+    ]
+    if not (missing or unexpected or misshaped or mistyped):
         return
     lines = [f"{what} does not match the model:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for title, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+        ("mis-typed", mistyped),
+    ):
         if items:
             shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
             lines.append(f"  {title} keys: {shown}")
@@ -99,4 +129,8 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
             f"{path} lacks soundreactor metadata (format {metadata.get('format')!r}); "
             f"build a checkpoint with `soundreactor init`"
         )
-    return ModelConfig.from_json(metadata["config"]), tensors
+    try:  # validated before any model is built: the file is untrusted
+        config = ModelConfig.from_json(metadata["config"])
+    except ValueError as err:
+        raise CheckpointError(f"{path} stores an invalid model config: {err}") from None
+    return config, tensors

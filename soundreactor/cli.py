@@ -62,7 +62,14 @@ def _session(args: argparse.Namespace):
 def cmd_init(args: argparse.Namespace) -> None:
     from soundreactor.model.soundreactor import init_model
 
-    model, notes = init_model(args.preset, seed=args.seed, dinov2=args.dinov2, vae=args.vae)
+    model, notes = init_model(
+        args.preset,
+        seed=args.seed,
+        dinov2=args.dinov2,
+        vae=args.vae,
+        vae_prefix=args.vae_prefix,
+        vae_weights=args.vae_weights,
+    )
     model.save(args.out)
     for line in notes:
         print(line)
@@ -116,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     init.add_argument("--dinov2", help="official dinov2_vits14_reg4_pretrain.pth")
     init.add_argument("--vae", help="official sr_causal_ds_1600_dim_64.ckpt (or .safetensors)")
+    init.add_argument(
+        "--vae-prefix", help="key prefix of the VAE copy to read when --vae holds several (e.g. autoencoder.)"
+    )
+    init.add_argument(
+        "--vae-weights",
+        choices=("ema", "online"),
+        default="ema",
+        help="with both in --vae: the EMA copy (default, as stable-audio-tools exports it) or the online weights",
+    )
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", required=True)
     init.set_defaults(func=cmd_init)

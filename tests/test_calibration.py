@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 from test_export import FRAME_HW, export_once
 
 from soundreactor.calibration import metrics
 from soundreactor.calibration.calibrate import RECORD_NAME, calibrate, check_components, write_export_dir
-from soundreactor.calibration.chain import GraphChain, load_frames
+from soundreactor.calibration.chain import GraphChain, load_frames, open_session
 from soundreactor.calibration.commands import add_commands
 from soundreactor.calibration.quantize import QUANTIZED_OPS, prepare_graph, scheme, stays_float
 from soundreactor.calibration.ranges import RangeCollector, summarize
@@ -75,6 +76,43 @@ def test_fp8_runs_on_ort_cpu_and_is_coarser_than_int8(reports) -> None:
     assert 0.9 < metric(fp8.end_to_end, "vision token cosine") < 1.0
     # the verdict is the thresholds applied to the measured values, whatever they are on random weights
     assert fp8.acceptable == all(m.passed for ms in (fp8.end_to_end, *fp8.components.values()) for m in ms)
+
+
+# ORT's integer kernels for Q/DQ patterns: their results depend on the CPU's instruction set
+INTEGER_KERNELS = {
+    "QLinearMatMul",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "QLinearConv",
+    "ConvInteger",
+    "QGemm",
+    "DynamicQuantizeMatMul",
+}
+
+
+def executed_ops(path: Path, fused: bool, feeds: dict, tmp_path: Path) -> set[str]:
+    """The op types ORT's profiler saw run for one call of the graph at `path`."""
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / f"profile_{fused}")
+    session = open_session(path, fused, options)
+    session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+def test_report_runs_the_qdq_arithmetic_not_integer_kernels(quantized, source, tmp_path: Path) -> None:
+    """The judged chain runs quantize, dequantize, then float products (the same on every CPU); ORT's default
+    optimizations run integer kernels instead (that they do shows this check can fail)."""
+    calls = GraphChain(quantized["int8"]).step(source.frames[0])
+    fused = set()
+    for graph in FRAME_ORDER:
+        path, feeds = quantized["int8"] / f"{graph}.onnx", calls[graph].inputs
+        reference = executed_ops(path, False, feeds, tmp_path)
+        assert {"QuantizeLinear", "DequantizeLinear"} <= reference and reference & set(QUANTIZED_OPS), graph
+        assert not reference & INTEGER_KERNELS, graph
+        fused |= executed_ops(path, True, feeds, tmp_path)
+    assert fused & INTEGER_KERNELS
 
 
 def consumer_axis(node: onnx.NodeProto) -> int:
@@ -142,15 +180,15 @@ def test_quantized_dir_is_a_complete_export(fp32_dir: Path, quantized, source) -
     assert {g: r["scheme"] for g, r in record["graphs"].items()} == dict.fromkeys(FRAME_ORDER, "int8")
     assert record["calibration_data"]["sha256"] == source.description["sha256"]
     assert record["graphs"]["sampler"]["tensor_statistics"]
-    # OrtStreams loads it unchanged and runs exactly what the calibration chain runs
-    streams, chain = OrtStreams(directory, seed=0), GraphChain(directory, seed=0)
+    # OrtStreams loads it unchanged and runs exactly what the calibration chain runs with ORT's default kernels
+    streams, chain = OrtStreams(directory, seed=0), GraphChain(directory, seed=0, fused=True)
     for frame in source.frames[:3]:
         audio = streams.step(np.broadcast_to(frame, (manifest.slots, *frame.shape)))
         np.testing.assert_array_equal(audio, chain.step(frame)["vae_decoder"].outputs["audio"])
 
 
 def test_calibration_chain_is_the_reference_session(fp32_dir: Path, source) -> None:
-    streams, chain = OrtStreams(fp32_dir, seed=0), GraphChain(fp32_dir, seed=0)
+    streams, chain = OrtStreams(fp32_dir, seed=0), GraphChain(fp32_dir, seed=0, fused=True)
     for frame in source.frames[:3]:
         audio = streams.step(np.broadcast_to(frame, (streams.slots, *frame.shape)))
         np.testing.assert_array_equal(audio, chain.step(frame)["vae_decoder"].outputs["audio"])
@@ -224,15 +262,19 @@ def test_calibrate_command_writes_dir_and_report(fp32_dir: Path, tmp_path: Path,
             "--components",
             "sampler",
             "--report",
+            "--ort-kernels",
         ]
     )
     printed = capsys.readouterr().out
     assert "verdict: int8" in printed
+    assert printed.count("not judged, ORT integer kernels on this CPU") == 4
     data = json.loads((out / "calibration_report.json").read_text())
     assert data["quantized"] == {"sampler": "int8"} and data["evaluation_data"]["frames"] == 4
     assert data["components"]["sampler"][0]["value"] > 20
     assert (out / "calibration_report.png").stat().st_size > 10_000
-    assert "| sampler | latent SNR dB |" in (out / "calibration_report.md").read_text()
+    markdown = (out / "calibration_report.md").read_text()
+    assert "| sampler | latent SNR dB |" in markdown and "Not judged: end to end on ONNX Runtime" in markdown
+    assert [m["name"] for m in data["ort_kernels_not_judged"]] == [m["name"] for m in data["end_to_end"]]
 
 
 def test_bad_input_errors(fp32_dir: Path, tmp_path: Path) -> None:

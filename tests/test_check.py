@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from test_export import export_once, run_command
+from test_export import FRAME_HW, export_once, run_command
 
+from soundreactor.cli import main
+from soundreactor.demo_video import make_demo_video
 from soundreactor.export.check import TENSORRT_OPS, check_export_dir, check_model
-from soundreactor.export.manifest import file_sha256
+from soundreactor.export.manifest import ExportDirError, file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +124,116 @@ def test_unpaired_state_and_manifest_drift_fail_the_check(exported, tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         run_command(["check", str(directory)])
     assert exit_info.value.code == 1 and "NOT ready" in capsys.readouterr().out
+
+
+def edited(exported, tmp_path, change) -> Path:
+    """A copy of the export whose manifest.json is the dict as `change` left it, or the list it returned."""
+    directory = shutil.copytree(exported, tmp_path / "export")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    result = change(manifest)
+    (directory / "manifest.json").write_text(json.dumps(result if isinstance(result, list) else manifest))
+    return directory
+
+
+def refused(directory: Path, message: str, capsys) -> None:
+    """`check` and `run` both refuse the directory with one `error:` line matching `message`, no traceback."""
+    video = make_demo_video(directory.parent / "clip.mp4", seconds=0.1, size=FRAME_HW)
+    out = directory.parent / "out.wav"
+    with pytest.raises(ExportDirError, match=message):
+        check_export_dir(directory)
+    for argv in (
+        ["check", str(directory)],
+        [
+            "run",
+            "--backend",
+            "onnxruntime",
+            "--engines",
+            str(directory),
+            "--video",
+            str(video),
+            "--out",
+            str(out),
+        ],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.startswith("error: ") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: [], r"manifest field \(top level\) must be a JSON object, got \[\]"),
+        (
+            lambda m: m.update(files=list(m["files"])),
+            r"manifest field files must be an object mapping file names",
+        ),
+        (
+            lambda m: m.update(graphs=[]),
+            r"manifest field graphs must be the graphs ar_audio, vision, ar_vision, ",
+        ),
+        (
+            lambda m: m.update(graphs=m["graphs"][:4]),
+            r"graphs must be .* got \['ar_audio', 'vision', 'ar_vision', 's",
+        ),
+        (lambda m: m.update(slots=0), r"manifest field slots must be an integer in \[1, 4096\], got 0"),
+        (
+            lambda m: m.update(frame_hw=[48, -80]),
+            r"manifest field frame_hw must be \[height, width\].*got \[48, -80\]",
+        ),
+        (
+            lambda m: m.update(guidance=float("inf")),
+            r"manifest field guidance must be a finite number, got inf",
+        ),
+        (lambda m: m["config"]["transformer"].update(n_layers=10**9), r"config is invalid: .*n_layers"),
+        (
+            lambda m: m["graphs"][1]["inputs"][0].update(shape=[2, -48]),
+            r"graphs\[1\] \(vision\)\.inputs\[0\]\.shape",
+        ),
+        (
+            lambda m: m["files"].pop("sampler.onnx"),
+            r"graphs\[3\] \(sampler\)\.file must be a file listed \(and hashed\)",
+        ),
+    ],
+)
+def test_malformed_manifests_are_refused_naming_the_field(exported, tmp_path, capsys, change, message):
+    refused(edited(exported, tmp_path, change), message, capsys)
+
+
+def test_paths_outside_the_folder_are_refused(exported, tmp_path, capsys):
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"not yours")
+    digest = file_sha256(outside)
+
+    def listed(name):
+        return lambda m: m["files"].update({name: digest})
+
+    for name, message in (
+        ("../secret.bin", r"files: '\.\./secret\.bin' points outside the export directory"),
+        (str(outside), r"files: '/.*secret\.bin' points outside the export directory"),
+    ):
+        refused(edited(exported, tmp_path / name.replace("/", "_"), listed(name)), message, capsys)
+
+    # a graph file outside the folder: listed with its hash or not, it is never opened
+    def graph_outside(m):
+        m["graphs"][3]["file"] = "../sampler.onnx"
+        m["files"]["../sampler.onnx"] = m["files"].pop("sampler.onnx")
+
+    refused(
+        edited(exported, tmp_path / "graph", graph_outside), r"'\.\./sampler\.onnx' points outside", capsys
+    )
+
+    linked = edited(exported, tmp_path / "link", listed("link.bin"))
+    (linked / "link.bin").symlink_to(outside)
+    refused(linked, r"files: 'link\.bin' is a link that resolves outside the export directory", capsys)
+
+
+def test_external_data_not_in_files_fails_the_check(exported, tmp_path):
+    # sampler.weights read by sampler.onnx but not hashed: ORT would load it unchecked
+    directory = edited(exported, tmp_path, lambda m: m["files"].pop("sampler.weights"))
+    report = check_export_dir(directory)
+    problems = next(g.problems for g in report.graphs if g.name == "sampler")
+    assert (
+        "manifest: external data file 'sampler.weights' is not listed (with its sha256) in files" in problems
+    )
+    assert not report.ok

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from soundreactor.checkpoint import CheckpointError, read_tensor_file
+from soundreactor.cli import main
 from soundreactor.config import ModelConfig, paper, preset, tiny
 from soundreactor.model.dinov2 import DinoV2
 from soundreactor.model.soundreactor import SoundReactor, init_model
@@ -60,6 +61,16 @@ def test_checkpoint_key_errors_name_every_problem(tmp_path):
     assert "transformer.norm.weight: expected (64,), got (3,)" in message
 
 
+def test_float_tensors_relabelled_as_int32_are_refused(tmp_path):
+    """The same bytes read as int32 would load into float parameters as garbage (all-NaN audio)."""
+    model, _ = init_model("tiny", seed=1)
+    state = {k: v.view(torch.int32) if v.dtype == torch.float32 else v for k, v in model.state_dict().items()}
+    path = tmp_path / "relabelled.safetensors"
+    save_file(state, str(path), metadata={"format": "soundreactor/1", "config": model.config.to_json()})
+    with pytest.raises(CheckpointError, match=r"mis-typed keys: .*expected torch\.float32, got torch\.int32"):
+        SoundReactor.load(path)
+
+
 def test_foreign_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="soundreactor init"):
         SoundReactor.load(tmp_path / "nope.safetensors")
@@ -80,8 +91,12 @@ class Payload:
 def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"weights": torch.zeros(1), "meta": Payload()}, path)
-    with pytest.raises(CheckpointError, match="refuse to execute pickled code"):
+    with pytest.raises(CheckpointError) as err:
         read_tensor_file(path)
+    message = str(err.value)
+    assert "could run arbitrary code, so it is refused" in message and "test_checkpoint.Payload" in message
+    assert "safetensors.torch.save_file" in message  # how to convert it safely
+    assert "weights_only" not in message and err.value.__cause__ is None  # never torch's advice to run it
 
 
 def test_official_dinov2_file_loads_unchanged(tmp_path):
@@ -133,8 +148,35 @@ def test_official_vae_checkpoint_with_prefix_and_weight_norm(tmp_path):
     path = tmp_path / "sr_causal_ds_1600_dim_64.ckpt"
     torch.save({"state_dict": raw}, path)
     model, notes = init_model("tiny", vae=path)
-    assert any("prefix 'autoencoder.' stripped" in line for line in notes)
+    assert any(
+        "torch file, under 'state_dict'; key prefix 'autoencoder.'; legacy weight norm" in line
+        for line in notes
+    )
     v = raw["autoencoder.decoder.layers.0.weight_v"]
     g = raw["autoencoder.decoder.layers.0.weight_g"]
     folded = g * v / v.norm(dim=(1, 2), keepdim=True)
     torch.testing.assert_close(model.vae.decoder.layers[0].weight, folded)
+
+
+def test_init_cli_reaches_every_vae_loader_choice(tmp_path, capsys):
+    """A training checkpoint with online and EMA copies (parametrized weight norm, as current PyTorch writes it)."""
+    torch.manual_seed(2)
+    online, ema = AudioVAE(tiny().vae), AudioVAE(tiny().vae)
+    raw = {f"autoencoder.{k}": v for k, v in online.state_dict().items()}
+    raw |= {f"autoencoder_ema.ema_model.{k}": v for k, v in ema.state_dict().items()}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": raw, "global_step": 10}, path)
+    chosen = {}
+    for flags in ([], ["--vae-weights", "online"], ["--vae-prefix", "autoencoder."]):
+        out = tmp_path / f"{len(chosen)}.safetensors"
+        assert main(["init", "--preset", "tiny", "--vae", str(path), *flags, "--out", str(out)]) == 0
+        chosen[" ".join(flags)] = SoundReactor.load(out).vae.decoder.layers[0].weight
+    printed = capsys.readouterr().out
+    assert "key prefix 'autoencoder_ema.ema_model.' (EMA copy); plain weights" in printed
+    assert torch.equal(chosen[""], ema.decoder.layers[0].weight)
+    assert torch.equal(chosen["--vae-weights online"], online.decoder.layers[0].weight)
+    assert torch.equal(chosen["--vae-prefix autoencoder."], online.decoder.layers[0].weight)
+    assert (
+        main(["init", "--preset", "tiny", "--vae", str(path), "--vae-prefix", "x.", "--out", str(out)]) == 2
+    )
+    assert "error: no VAE keys under prefix 'x.'" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tolerance import module_depth, rounding_atol
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -115,8 +116,11 @@ def test_reset_restarts_one_slot_and_leaves_the_others(model, frames):
     # slot 1 restarts at frame 0 in the replay of the reset step: it equals a fresh stream fed the same frames
     fresh_run = GraphStreams(model, SLOTS, 10, "cpu")
     fresh = np.stack([fresh_run.step(batch(frames, i), active_mask(i)) for i in range(6, 14)])
-    # slot rows are computed independently: fp32 rounding at most (measured equal)
-    np.testing.assert_allclose(reset[6:, 1], fresh[:, 1], atol=1e-6, rtol=0)
+    # slot rows are computed independently, in batches of another makeup: GEMMs may block their sums differently,
+    # through every layer of the model (measured equal)
+    np.testing.assert_allclose(
+        reset[6:, 1], fresh[:, 1], atol=rounding_atol(fresh[:, 1], module_depth(model)), rtol=0
+    )
     assert not np.array_equal(reset[6:, 1], untouched[6:, 1])
 
 

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from soundreactor.config import tiny
 from soundreactor.engine import cache
 from soundreactor.engine.bindings import check_engine_io, engine_graph_spec
 from soundreactor.engine.builder import build_engines, parser_errors, progress_monitor
@@ -27,7 +28,7 @@ from soundreactor.engine.cache import (
     write_engine,
 )
 from soundreactor.engine.tensorrt_env import TensorRTMissing, require_cudart, require_tensorrt
-from soundreactor.export.manifest import GraphSpec, Manifest, TensorSpec, file_sha256
+from soundreactor.export.manifest import FRAME_ORDER, GraphSpec, Manifest, TensorSpec, file_sha256
 
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0", 132, 85_045_395_456)
 H200 = GpuIdentity("NVIDIA H200", "9.0", 132, 150_754_820_096)
@@ -137,6 +138,28 @@ def test_missing_truncated_and_altered_engine_files_are_reported(tmp_path):
     sidecar_path.write_text("{not json")
     with pytest.raises(EngineCacheError, match="not a readable engine sidecar"):
         find_engine(tmp_path, "ar_audio", SHA, TRT, H100)
+    for text, reason in (
+        ("[]", r"it holds a JSON list, not an object"),
+        ('"engine"', r"it holds a JSON str, not an object"),
+        ('{"format": "soundreactor-engine/1", "target": []}', r"its target must be an object"),
+    ):
+        sidecar_path.write_text(text.replace("soundreactor-engine/1", cache.FORMAT))
+        with pytest.raises(
+            EngineCacheError, match=rf"{sidecar_path.name} is not a readable engine sidecar.*{reason}"
+        ):
+            find_engine(tmp_path, "ar_audio", SHA, TRT, H100)
+
+
+def test_a_sidecar_cannot_name_an_engine_outside_its_graph(tmp_path):
+    """The engine file's name comes from the sidecar's target: a foreign graph name (a path) is refused."""
+    record = write_engine(tmp_path, target(), b"0123456789", 1.0)
+    _, sidecar_path = target().paths(tmp_path)
+    data = json.loads(sidecar_path.read_text())
+    data["target"]["graph"] = "../ar_audio"
+    sidecar_path.write_text(json.dumps(data))
+    with pytest.raises(EngineCacheError, match=r"it describes another engine \(\.\./ar_audio\."):
+        find_engine(tmp_path, "ar_audio", SHA, TRT, H100)
+    assert record.target.graph == "ar_audio"
 
 
 @pytest.mark.parametrize("crash_at", [1, 2])  # 1: while the engine is replaced, 2: while its sidecar is
@@ -161,10 +184,10 @@ def test_a_crash_mid_write_leaves_nothing_loadable(tmp_path, monkeypatch, crash_
 
 
 def write_tiny_export(directory: Path, scale: float = 1.0) -> Manifest:
-    """An export directory of two one-node graphs, enough for the build loop."""
+    """An export directory of one-node graphs under the five names the runtime needs, enough for the build loop."""
     directory.mkdir(exist_ok=True)
     specs = []
-    for name in ("vision", "sampler"):
+    for name in FRAME_ORDER:
         node = helper.make_node("Mul", ["x", "k"], ["y"])
         k = helper.make_tensor("k", TensorProto.FLOAT, [], [scale])
         x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in "xy")
@@ -174,7 +197,8 @@ def write_tiny_export(directory: Path, scale: float = 1.0) -> Manifest:
         io = (TensorSpec("x", (2, 3), "float32", ""),), (TensorSpec("y", (2, 3), "float32", ""),)
         specs.append(GraphSpec(name, f"{name}.onnx", *io, {}))
     files = {f"{g.name}.onnx": file_sha256(directory / f"{g.name}.onnx") for g in specs}
-    manifest = Manifest("tiny", {}, None, 1, 3.0, (2, 3), 2, "fp32", 23, {}, tuple(specs), files)
+    config = tiny().to_dict()
+    manifest = Manifest("tiny", config, None, 1, 3.0, (2, 3), 2, "fp32", 23, {}, tuple(specs), files)
     manifest.save(directory)
     return manifest
 
@@ -190,7 +214,7 @@ def test_build_loop_caches_rebuilds_and_keeps_other_setups(tmp_path):
     write_tiny_export(tmp_path)
     lines = []
     results = build_engines(tmp_path, TRT, H100, build=fake_build, log=lines.append)
-    assert built == ["vision", "sampler"] and all(r.built for r in results)
+    assert built == list(FRAME_ORDER) and all(r.built for r in results)
     assert any(
         line.startswith("vision: ") and " s -> vision." in line for line in lines
     )  # seconds per engine
@@ -199,17 +223,17 @@ def test_build_loop_caches_rebuilds_and_keeps_other_setups(tmp_path):
     assert not any(r.built for r in build_engines(tmp_path, TRT, H100, build=fake_build, log=lines.append))
     assert built == []  # cached
     build_engines(tmp_path, TRT, H100, force=True, build=fake_build, log=lines.append)
-    assert built == ["vision", "sampler"]
+    assert built == list(FRAME_ORDER)
 
     built.clear()
     build_engines(tmp_path, TRT, H200, build=fake_build, log=lines.append)  # another GPU: its own engines
-    assert built == ["vision", "sampler"] and len(list(tmp_path.glob("vision.*.engine"))) == 2
+    assert built == list(FRAME_ORDER) and len(list(tmp_path.glob("vision.*.engine"))) == 2
 
     built.clear()
     refit = BuildOptions(refittable=True)
     build_engines(tmp_path, TRT, H100, refit, build=fake_build, log=lines.append)
-    assert built == ["vision", "sampler"]  # other options, same setup: replaces the H100 engine
-    sha = results[0].record.target.onnx_sha256
+    assert built == list(FRAME_ORDER)  # other options, same setup: replaces the H100 engine
+    sha = results[FRAME_ORDER.index("vision")].record.target.onnx_sha256
     assert find_engine(tmp_path, "vision", sha, TRT, H100).target.options == refit
     assert find_engine(tmp_path, "vision", sha, TRT, H200).target.options == BuildOptions()
     assert len(list(tmp_path.glob("vision.*.engine"))) == len(list(tmp_path.glob("vision.*.json"))) == 2
@@ -217,9 +241,9 @@ def test_build_loop_caches_rebuilds_and_keeps_other_setups(tmp_path):
     built.clear()
     engine = next(p for p in tmp_path.glob("sampler.*.engine") if b"refittable=True" in p.read_bytes())
     engine.write_bytes(engine.read_bytes()[:3])  # truncated: rebuilt, not trusted
-    write_tiny_export(tmp_path, scale=2.0)  # re-exported with new weights in vision and sampler
+    write_tiny_export(tmp_path, scale=2.0)  # re-exported with new weights in every graph
     build_engines(tmp_path, TRT, H100, refit, build=fake_build, log=lines.append)
-    assert built == ["vision", "sampler"]
+    assert built == list(FRAME_ORDER)
 
 
 def fake_engine(io: list[tuple[str, tuple[int, ...], str, str]], aliases: dict[str, str]) -> SimpleNamespace:

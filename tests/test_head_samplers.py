@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import module_depth, rounding_atol
 from torch import Tensor
 
 from soundreactor.config import HeadConfig, SamplerConfig, tiny
@@ -80,9 +81,10 @@ def test_edm_preconditioning() -> None:
     for b, tb in enumerate(t.tolist()):
         denoised = head.denoise(x[b : b + 1], tb, z[b : b + 1])[0]
         torch.testing.assert_close(denoised, expected[b], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        head.denoise(x, 0.9, z), head.denoise(x, torch.full((3,), 0.9), z), atol=1e-6, rtol=1e-6
-    )
+    # the scalings in float64 on the host against float32 on the tensor: one rounding per layer apart
+    reference = head.denoise(x, torch.full((3,), 0.9), z)
+    atol = rounding_atol(reference, module_depth(head))
+    torch.testing.assert_close(head.denoise(x, 0.9, z), reference, atol=atol, rtol=0)
 
 
 @torch.no_grad()
@@ -204,7 +206,7 @@ def test_sampler_dispatch_and_noise_shapes() -> None:
         )
     with pytest.raises(ValueError, match=r"noise must be \[B, 4, latent\]"):
         sample(head, z, torch.randn(2, 2, LATENT), SamplerConfig(nfe=4))
-    with pytest.raises(ValueError, match="expected 3"):
+    with pytest.raises(ValueError, match=r"consistency_steps\[3\] must be 3 finite positive"):
         noise_shape(SamplerConfig(nfe=3, consistency_steps={3: (80.0, 1.0)}), LATENT)
 
 

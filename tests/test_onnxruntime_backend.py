@@ -123,6 +123,15 @@ def test_wrong_frame_size_names_the_fix(exported, frames):
         streams.step(wrong)
 
 
+@pytest.mark.parametrize("guidance", [float("inf"), float("nan"), -1.0])
+def test_absurd_guidance_is_refused_before_any_session(exported, guidance):
+    """An infinite guidance weight made all-NaN audio with exit 0."""
+    with pytest.raises(
+        ValueError, match=r"SamplerConfig\.guidance must be a finite number in \[0\.0, 1000\.0\]"
+    ):
+        OrtStreams(exported[0], guidance=guidance)
+
+
 def test_requested_provider_fallback_warns(exported):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here; nothing falls back")

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from tolerance import rounding_atol
 
 import soundreactor.runtime.tensorrt_backend as tensorrt_backend
 from soundreactor.engine.bindings import engine_graph_spec, plan_bindings
@@ -97,7 +98,9 @@ def test_tensor_scatter_rewrite_equals_the_exported_scatter(export_dir, manifest
             ring = (2 * frame_index[0] + position) % window
             assert changed.tolist() == [[0, ring]]  # only the active slot's row pos mod W; slot 1 was skipped
         hidden = next(t.name for t in graph.outputs if t.name not in graph.state)
-        np.testing.assert_allclose(got[hidden], reference[hidden], rtol=0, atol=1e-6)  # same ops, same order
+        # same ops, same order; ORT may fuse the rewritten graph's float ops differently (2 per layer)
+        atol = rounding_atol(reference[hidden], 2 * manifest.config["transformer"]["n_layers"])
+        np.testing.assert_allclose(got[hidden], reference[hidden], rtol=0, atol=atol)
 
 
 def test_graphs_without_cache_writes_stay_unchanged(export_dir, manifest):

@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from tolerance import rounding_atol
 from torch import nn
 
 from soundreactor.config import paper, tiny
@@ -20,6 +21,12 @@ from soundreactor.model.vae import (
 )
 
 HOP = 1600
+
+
+def depth(module: nn.Module) -> int:
+    """Rounding steps a signal passes through: every conv and snake (the depth factor of `rounding_atol`)."""
+    kinds = (nn.Conv1d, nn.ConvTranspose1d, SnakeBeta, FoldedSnakeBeta)
+    return sum(isinstance(m, kinds) for m in module.modules())
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +112,10 @@ def test_folded_snakes_decode_as_the_reference(tiny_vae):
         for i in range(z.shape[-1]):
             audio, state = tiny_vae.decoder.step(z[:, :, i], state)
             folded_audio, folded_state = folded.step(z[:, :, i], folded_state)
-            # the same products in fp32; addcmul rounds once where the reference rounds twice
-            torch.testing.assert_close(folded_audio, audio, atol=1e-6, rtol=0)
+            # the same products in fp32; addcmul rounds once where the reference rounds twice, in every layer
+            # (measured 1.07e-6 on an AVX2 CPU, under 1e-6 on AVX-512)
+            atol = rounding_atol(audio, depth(folded))
+            torch.testing.assert_close(folded_audio, audio, atol=atol, rtol=0)
     assert audio.abs().max() > 0.05
 
 
@@ -175,35 +184,89 @@ def test_fold_weight_norm_matches_torch(module, dim):
         assert list(state["weight_g"].shape) == [8, 1, 1]  # dim 0 is the input channel here too
     folded = fold_weight_norm({"conv." + k: v for k, v in state.items()})
     assert sorted(folded) == ["conv.bias", "conv.weight"]
-    torch.testing.assert_close(folded["conv.weight"], wn.weight.detach(), atol=1e-6, rtol=1e-5)
+    # g v / ||v|| in another order than torch's: one norm (a sum over the fan-in) and one product apart
+    atol = rounding_atol(wn.weight.detach(), depth=2)
+    torch.testing.assert_close(folded["conv.weight"], wn.weight.detach(), atol=atol, rtol=0)
 
 
-def _official_state(vae: AudioVAE, prefix: str) -> dict:
-    """The official layout: every conv under torch's legacy weight norm, v rescaled (same weight)."""
+def _official_state(vae: AudioVAE, prefix: str, parametrized: bool = False) -> dict:
+    """The official layout: every conv under torch's weight norm (legacy, or the parametrized one that replaces it),
+    v rescaled (same weight), inside a Lightning-style `state_dict` next to a discriminator."""
     official = copy.deepcopy(vae)
     for m in official.modules():
         if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
-            torch.nn.utils.weight_norm(m)
+            if parametrized:
+                torch.nn.utils.parametrizations.weight_norm(m)
+            else:
+                torch.nn.utils.weight_norm(m)
     state = official.state_dict()
     for k in state:
-        if k.endswith("weight_v"):
+        if k.endswith(("weight_v", "original1")):
             state[k] = state[k] * (1 + torch.rand(()))
     return {
         "state_dict": {prefix + k: v for k, v in state.items()} | {"discriminator.conv.weight": torch.ones(2)}
     }
 
 
-@pytest.mark.parametrize("prefix", ["", "autoencoder.", "model.", "pretransform.model."])
-def test_official_checkpoint_loads_with_prefix(tiny_vae, prefix):
-    raw = _official_state(tiny_vae, prefix)
-    assert f"{prefix}decoder.layers.1.layers.1.weight_g" in raw["state_dict"]
-    state, stripped = vae_state_from_official(raw, tiny().vae)
-    assert stripped == prefix
+def decodes_as(state: dict, vae: AudioVAE) -> None:
     loaded = AudioVAE(tiny().vae).eval()
     loaded.load_state_dict(state)
     z = torch.randn(1, 64, 3)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.decode(z), tiny_vae.decode(z), atol=1e-5, rtol=1e-4)
+        reference = vae.decode(z)
+        # g v / ||v|| recomputed: one norm and one product apart per conv
+        atol = rounding_atol(reference, depth(vae.decoder))
+        torch.testing.assert_close(loaded.decode(z), reference, atol=atol, rtol=1e-5)
+
+
+LEGACY, PARAMETRIZED = (
+    "legacy weight norm (weight_g/weight_v)",
+    "parametrized weight norm (parametrizations.weight.original0/original1)",
+)
+
+
+@pytest.mark.parametrize("parametrized", [False, True])
+@pytest.mark.parametrize(
+    "prefix", ["", "autoencoder.", "model.", "module.", "_orig_mod.", "pretransform.model."]
+)
+def test_official_checkpoint_loads_with_prefix(tiny_vae, prefix, parametrized):
+    raw = _official_state(tiny_vae, prefix, parametrized)
+    g_key = "parametrizations.weight.original0" if parametrized else "weight_g"
+    assert f"{prefix}decoder.layers.1.layers.1.{g_key}" in raw["state_dict"]
+    state, layout = vae_state_from_official(raw, tiny().vae)
+    assert layout.prefix == prefix and not layout.ema and layout.dropped == 1
+    assert layout.weight_norm == ((PARAMETRIZED,) if parametrized else (LEGACY,))
+    assert all(v.dtype == torch.float32 for v in state.values())
+    decodes_as(state, tiny_vae)
+
+
+def test_ema_copy_is_chosen_and_the_online_one_on_request(tiny_vae):
+    """A stable-audio-tools training checkpoint: online weights, the EMA copy, ema_pytorch's online reference."""
+    torch.manual_seed(9)
+    ema_vae = AudioVAE(tiny().vae).eval()
+    online = _official_state(tiny_vae, "autoencoder.")["state_dict"]
+    ema = _official_state(ema_vae, "autoencoder_ema.ema_model.", parametrized=True)["state_dict"]
+    reference = {k.replace("autoencoder.", "autoencoder_ema.online_model."): v for k, v in online.items()}
+    raw = {"state_dict": online | ema | reference, "epoch": 3}
+
+    state, layout = vae_state_from_official(raw, tiny().vae)
+    assert layout.prefix == "autoencoder_ema.ema_model." and layout.ema
+    assert set(layout.others) == {"autoencoder.", "autoencoder_ema.online_model."}
+    assert "(EMA copy)" in layout.describe() and "--vae-prefix" in layout.describe()
+    decodes_as(state, ema_vae)
+
+    state, layout = vae_state_from_official(raw, tiny().vae, weights="online")
+    assert layout.prefix == "autoencoder." and not layout.ema and layout.weight_norm == (LEGACY,)
+    decodes_as(state, tiny_vae)
+
+    state, layout = vae_state_from_official(raw, tiny().vae, prefix="autoencoder_ema.online_model.")
+    decodes_as(state, tiny_vae)
+    with pytest.raises(ValueError, match=r"no VAE keys under prefix 'nope\.'.*'autoencoder\.'"):
+        vae_state_from_official(raw, tiny().vae, prefix="nope.")
+    with pytest.raises(ValueError, match=r"only EMA copies.*--vae-weights ema"):
+        vae_state_from_official(ema, tiny().vae, weights="online")
+    with pytest.raises(ValueError, match="VAE weights must be one of ema, online"):
+        vae_state_from_official(ema, tiny().vae, weights="best")
 
 
 def test_loader_rejects_bad_checkpoints(tiny_vae):
@@ -222,23 +285,31 @@ def test_loader_rejects_bad_checkpoints(tiny_vae):
     with pytest.raises(ValueError, match=r"unexpected: 1 \(decoder\.layers\.9\.weight\)"):
         vae_state_from_official(unexpected, cfg)
 
+    relabelled = good | {"autoencoder.decoder.layers.0.bias": good["autoencoder.decoder.layers.0.bias"].int()}
+    with pytest.raises(
+        ValueError, match=r"non-float weights: 1 \(decoder\.layers\.0\.bias \(torch\.int32\)\)"
+    ):
+        vae_state_from_official(relabelled, cfg)
+
     with pytest.raises(ValueError, match="does not fit"):  # paper shapes against a tiny file
         vae_state_from_official(good, paper().vae)
 
-    ema = good | {"ema." + k: v for k, v in good.items()}
-    with pytest.raises(ValueError, match="pass prefix="):
-        vae_state_from_official(ema, cfg)
-    assert vae_state_from_official(ema, cfg, prefix="ema.autoencoder.")[1] == "ema.autoencoder."
+    two = good | {"other." + k: v for k, v in good.items()}  # two online copies: nothing to prefer
+    with pytest.raises(
+        ValueError, match=r"several VAE copies .*'autoencoder\.', 'other\.autoencoder\.'.*--vae-prefix"
+    ):
+        vae_state_from_official(two, cfg)
+    assert vae_state_from_official(two, cfg, prefix="other.autoencoder.")[1].prefix == "other.autoencoder."
 
     with pytest.raises(ValueError, match=r"no `encoder\.layers"):
         vae_state_from_official({"model.weight": torch.zeros(1)}, cfg)
 
-    with pytest.raises(ValueError, match="no matching"):
+    with pytest.raises(ValueError, match=r"conv\.weight_g \(g\) has no matching weight-norm v"):
         fold_weight_norm({"conv.weight_g": torch.ones(2, 1, 1)})
     with pytest.raises(ValueError, match="does not fit"):
         fold_weight_norm({"conv.weight_g": torch.ones(3, 1, 1), "conv.weight_v": torch.ones(2, 4, 1)})
-    with pytest.raises(ValueError, match="without weight_g"):
-        fold_weight_norm({"conv.weight_v": torch.ones(2, 1, 1)})
+    with pytest.raises(ValueError, match=r"original1 \(v\) has no matching weight-norm g"):
+        fold_weight_norm({"conv.parametrizations.weight.original1": torch.ones(2, 1, 1)})
 
 
 def test_streaming_matches_offline_and_is_pure(tiny_vae):
@@ -259,7 +330,10 @@ def test_streaming_matches_offline_and_is_pure(tiny_vae):
             state = new_state
     assert offline.shape == (2, 2, frames * HOP)
     assert offline.abs().max() > 0.05  # a silent decoder would make the comparison vacuous
-    torch.testing.assert_close(torch.cat(chunks, -1), offline, atol=1e-5, rtol=0)
+    # the same convolutions on chunks with carried state: each layer's sums may block differently
+    torch.testing.assert_close(
+        torch.cat(chunks, -1), offline, atol=rounding_atol(offline, depth(decoder)), rtol=0
+    )
 
 
 def test_zero_lookahead(tiny_vae):
@@ -269,8 +343,10 @@ def test_zero_lookahead(tiny_vae):
     changed[:, :, 5:] = torch.randn(1, 64, 3)
     with torch.no_grad():
         a, b = tiny_vae.decode(z), tiny_vae.decode(changed)
-    # Frames 0..4 must not see frames 5..7 (1e-6: float noise only); frame 5 itself must change.
-    torch.testing.assert_close(a[..., : 5 * HOP], b[..., : 5 * HOP], atol=1e-6, rtol=0)
+    # Frames 0..4 must not see frames 5..7 (rounding only: a conv may block its sums by sequence length);
+    # frame 5 itself must change.
+    atol = rounding_atol(a[..., : 5 * HOP], depth(tiny_vae.decoder))
+    torch.testing.assert_close(a[..., : 5 * HOP], b[..., : 5 * HOP], atol=atol, rtol=0)
     assert (a[..., 5 * HOP : 6 * HOP] - b[..., 5 * HOP : 6 * HOP]).abs().max() > 1e-3
 
 

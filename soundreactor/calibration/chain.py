@@ -30,17 +30,35 @@ class GraphCall:
     outputs: Feeds
 
 
-def open_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def open_session(
+    path: Path, fused: bool = False, options: ort.SessionOptions | None = None
+) -> ort.InferenceSession:
+    """An ORT CPU session on the graph at `path`; `options` (threads, profiling) get the optimization level.
+
+    fused=False (graph optimizations off, `ORT_DISABLE_ALL`): every QuantizeLinear/DequantizeLinear pair runs as
+    written (round and clip to the grid, scale back to float) and every product is fp32 math, which is the
+    arithmetic the Q/DQ graph specifies and TensorRT implements; the result is the same on every x86-64 CPU up to
+    fp32 rounding. fused=True (ORT's default): Q/DQ pairs are folded into integer kernels (QLinearMatMul,
+    MatMulIntegerToFloat, QLinearConv) whose u8s8 path saturates on CPUs without VNNI (onnxruntime issues #6004,
+    #14642), so their results describe the CPU, not the graph. fp32 graphs differ between the two only in rounding.
+    """
+    options = options or ort.SessionOptions()
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class GraphChain:
-    """All slots see the same frame (each with its own noise seed, seed + slot), all active."""
+    """All slots see the same frame (each with its own noise seed, seed + slot), all active.
 
-    def __init__(self, directory: str | Path, seed: int = 0) -> None:
+    `fused` picks how ORT runs the graphs (see `open_session`): False, the default, for the graphs' own arithmetic;
+    True for what `OrtStreams` runs with its default options.
+    """
+
+    def __init__(self, directory: str | Path, seed: int = 0, fused: bool = False) -> None:
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(directory)
-        self.sessions = {g.name: open_session(self.directory / g.file) for g in self.manifest.graphs}
+        self.sessions = {g.name: open_session(self.directory / g.file, fused) for g in self.manifest.graphs}
         specs = {t.name: t for g in self.manifest.graphs for t in g.inputs}
         self.values: Feeds = {name: np.zeros(t.shape, t.dtype) for name, t in specs.items()}
         self.values["active"][:] = True

@@ -26,7 +26,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if args.report:
         from soundreactor.calibration.report import evaluate
 
-        report = evaluate(args.engines, args.out, source, args.seed)
+        report = evaluate(args.engines, args.out, source, args.seed, args.ort_kernels)
         for path in report.save(args.out):
             print(f"wrote {path}")
         for metric in report.end_to_end:
@@ -34,6 +34,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         for name, ms in report.components.items():
             for metric in ms:
                 print(f"  {name}: {metric.describe()}")
+        for metric in report.ort_kernels or ():
+            print(f"  not judged, ORT integer kernels on this CPU: {metric.describe()}")
         print(f"verdict: {args.scheme} {'acceptable' if report.acceptable else 'NOT acceptable'}")
 
 
@@ -68,5 +70,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--seed", type=int, default=0, help="noise seed (and demo scene seed)")
     calibrate.add_argument(
         "--report", action="store_true", help="also write calibration_report.{json,md,png}"
+    )
+    calibrate.add_argument(
+        "--ort-kernels",
+        action="store_true",
+        help="with --report, also measure end to end on ONNX Runtime's fused integer kernels (depends on the "
+        "CPU's instruction set; shown, not judged)",
     )
     calibrate.set_defaults(func=cmd_calibrate)

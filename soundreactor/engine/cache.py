@@ -107,7 +107,12 @@ class EngineRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineRecord:
-        target = dict(data["target"])
+        target = data.get("target")
+        if not isinstance(target, dict) or not all(
+            isinstance(target.get(k), dict) for k in ("options", "gpu")
+        ):
+            raise ValueError("its target must be an object with options and gpu objects")
+        target = dict(target)
         target["options"] = BuildOptions(**target["options"])
         target["gpu"] = GpuIdentity(**target["gpu"])
         return cls(**{**data, "target": EngineTarget(**target)})
@@ -208,10 +213,16 @@ def read_sidecars(directory: str | Path, graph: str) -> list[tuple[Path, EngineR
     for path in sorted(Path(directory).glob(f"{graph}.*.json")):
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, this tool reads {FORMAT!r}")
-            found.append((path, EngineRecord.from_dict(data)))
-        except (ValueError, TypeError, KeyError) as err:
+            record = EngineRecord.from_dict(data)
+            # the engine file is named from the record: it must be this graph's, next to this sidecar
+            if record.target.graph != graph or record.target.paths(directory)[1] != path:
+                raise ValueError(f"it describes another engine ({record.target.graph}.{record.target.key})")
+            found.append((path, record))
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
             found.append((path, f"{path.name} is not a readable engine sidecar ({err})"))
     return found
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from soundreactor.export.manifest import Manifest, io_mismatches, load_manifest
 
@@ -356,6 +357,16 @@ def tensorrt_parse(paths: list[Path]) -> str:
     return f"FAILED {'; '.join(failed)}" if failed else f"ok ({len(paths)} graphs)"
 
 
+def unhashed_external_data(model: onnx.ModelProto, manifest: Manifest) -> list[str]:
+    """Weight files a graph reads that the manifest does not hash: every file loaded must be checked. (ONNX
+    Runtime itself refuses external data outside the graph's folder.)"""
+    locations = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    return [
+        f"manifest: external data file {name!r} is not listed (with its sha256) in files"
+        for name in sorted(locations - set(manifest.files))
+    ]
+
+
 def check_export_dir(directory: str | Path) -> CheckReport:
     directory = Path(directory)
     manifest = load_manifest(directory)
@@ -368,6 +379,7 @@ def check_export_dir(directory: str | Path) -> CheckReport:
             spec, list(map(describe, model.graph.input)), list(map(describe, model.graph.output))
         )
         problems += [f"manifest: {p}" for p in io] + state_pair_problems(manifest, model, spec.name)
+        problems += unhashed_external_data(model, manifest)
         results.append(
             GraphCheck(
                 spec.name, len(model.graph.node), Counter(n.op_type for n in model.graph.node), problems

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ MANIFEST_NAME = "manifest.json"
 # The order a frame runs its graphs in; ar_audio needs nothing from the frame, so it may run before it arrives.
 FRAME_ORDER = ("ar_audio", "vision", "ar_vision", "sampler", "vae_decoder")
 REEXPORT = "re-export the directory with `soundreactor export`"
+DTYPES = ("float32", "float16", "bfloat16", "uint8", "bool", "int64", "int32")
 
 
 class ExportDirError(ValueError):
@@ -102,25 +104,143 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def member_path(directory: Path, name: object, field: str) -> Path:
+    """`directory / name` for a file name taken from a manifest or sidecar, refused unless it stays inside
+    `directory`: no absolute paths, no `..`, no symlink that resolves outside."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise ExportDirError(f"{field}: {name!r} is not a file name; {REEXPORT}")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        raise ExportDirError(f"{field}: {name!r} points outside the export directory; {REEXPORT}")
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ExportDirError(
+            f"{field}: {name!r} is a link that resolves outside the export directory; {REEXPORT}"
+        )
+    return path
+
+
+def _require(ok: bool, field: str, wanted: str, value: object) -> None:
+    if not ok:
+        shown = repr(value)
+        raise ExportDirError(f"manifest field {field} must be {wanted}, got {shown[:80]}; {REEXPORT}")
+
+
+def _is_int(value: object, low: int, high: int = 1 << 31) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _check_tensor(t: object, field: str) -> None:
+    _require(isinstance(t, dict), field, "an object", t)
+    _require(isinstance(t.get("name"), str) and t["name"], f"{field}.name", "a name", t.get("name"))
+    shape = t.get("shape")
+    _require(
+        isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d, 1) for d in shape),
+        f"{field}.shape",
+        "a list of positive sizes",
+        shape,
+    )
+    _require(t.get("dtype") in DTYPES, f"{field}.dtype", f"one of {', '.join(DTYPES)}", t.get("dtype"))
+    _require(isinstance(t.get("meaning", ""), str), f"{field}.meaning", "a string", t.get("meaning"))
+    axis = t.get("slot_axis", 0)
+    _require(_is_int(axis, 0, max(len(shape) - 1, 0)), f"{field}.slot_axis", "an axis of its shape", axis)
+
+
+def check_manifest_data(data: object) -> None:
+    """Schema of a parsed manifest.json: ExportDirError naming the first bad field. Graphs must be the five the
+    runtime runs, in FRAME_ORDER; the stored model config must be valid (`ModelConfig.from_dict`)."""
+    from soundreactor.config import ModelConfig
+
+    _require(isinstance(data, dict), "(top level)", "a JSON object", data)
+    fmt = data.get("format")
+    if fmt != FORMAT:
+        raise ExportDirError(f"manifest has format {fmt!r}, this runtime reads {FORMAT!r}; {REEXPORT}")
+    fields = {f for f in Manifest.__dataclass_fields__}
+    missing, unknown = sorted(fields - {"format"} - set(data)), sorted(set(data) - fields)
+    _require(
+        not missing and not unknown,
+        "(names)",
+        "the manifest's fields",
+        f"missing {missing}, unknown {unknown}",
+    )
+    _require(isinstance(data["preset"], str), "preset", "a string", data["preset"])
+    _require(isinstance(data["config"], dict), "config", "an object", data["config"])
+    try:
+        ModelConfig.from_dict(data["config"])
+    except ValueError as err:
+        raise ExportDirError(f"manifest field config is invalid: {err}; {REEXPORT}") from None
+    sha = data["checkpoint_sha256"]
+    _require(sha is None or _is_sha256(sha), "checkpoint_sha256", "null or a sha256 hex digest", sha)
+    _require(_is_int(data["nfe"], 1, 64), "nfe", "an integer in [1, 64]", data["nfe"])
+    guidance = data["guidance"]
+    finite = isinstance(guidance, int | float) and not isinstance(guidance, bool) and math.isfinite(guidance)
+    _require(finite, "guidance", "a finite number", guidance)
+    hw = data["frame_hw"]
+    _require(
+        isinstance(hw, list) and len(hw) == 2 and all(_is_int(v, 1, 8192) for v in hw),
+        "frame_hw",
+        "[height, width] in pixels (1 to 8192)",
+        hw,
+    )
+    _require(_is_int(data["slots"], 1, 4096), "slots", "an integer in [1, 4096]", data["slots"])
+    _require(
+        data["precision"] in ("fp32", "fp16", "bf16"), "precision", "fp32, fp16 or bf16", data["precision"]
+    )
+    _require(_is_int(data["opset"], 1, 1000), "opset", "an integer", data["opset"])
+    tools = data["tools"]
+    ok = isinstance(tools, dict) and all(isinstance(v, str) for v in tools.values())
+    _require(ok, "tools", "an object of version strings", tools)
+    files = data["files"]
+    ok = isinstance(files, dict) and bool(files) and all(_is_sha256(v) for v in files.values())
+    _require(ok, "files", "an object mapping file names to sha256 hex digests", files)
+    graphs = data["graphs"]
+    _require(
+        isinstance(graphs, list) and all(isinstance(g, dict) for g in graphs), "graphs", "a list", graphs
+    )
+    names = [g.get("name") for g in graphs]
+    _require(
+        names == list(FRAME_ORDER), "graphs", f"the graphs {', '.join(FRAME_ORDER)} in this order", names
+    )
+    for i, g in enumerate(graphs):
+        where = f"graphs[{i}] ({g['name']})"
+        _require(set(g) == {f for f in GraphSpec.__dataclass_fields__}, where, "a graph entry", sorted(g))
+        _require(g["file"] in files, f"{where}.file", "a file listed (and hashed) in files", g["file"])
+        for kind in ("inputs", "outputs"):
+            _require(isinstance(g[kind], list) and g[kind], f"{where}.{kind}", "a non-empty list", g[kind])
+            for j, t in enumerate(g[kind]):
+                _check_tensor(t, f"{where}.{kind}[{j}]")
+        outputs = {t["name"] for t in g["outputs"]}
+        state = g["state"]
+        ok = isinstance(state, dict) and all(k in outputs and isinstance(v, str) for k, v in state.items())
+        _require(ok, f"{where}.state", "an object mapping its outputs to state inputs", state)
+
+
 def load_manifest(directory: str | Path) -> Manifest:
-    """The manifest of an export directory, with every listed file present and matching its hash."""
+    """The manifest of an export directory, validated, with every listed file inside the directory, present and
+    matching its hash. Raises ExportDirError naming the problem."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise ExportDirError(f"{directory} has no {MANIFEST_NAME}: is it an export directory? ({REEXPORT})")
     try:
         data = json.loads(path.read_text())
-        fmt = data.get("format")
-        if fmt != FORMAT:
-            raise ExportDirError(f"{path} has format {fmt!r}, this runtime reads {FORMAT!r}; {REEXPORT}")
-        manifest = Manifest.from_dict(data)
-    except (json.JSONDecodeError, TypeError, KeyError) as err:
-        raise ExportDirError(f"{path} is not a readable manifest ({err!r}); {REEXPORT}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportDirError(f"{path} is not a readable manifest ({err}); {REEXPORT}") from None
+    try:
+        check_manifest_data(data)
+    except ExportDirError as err:
+        raise ExportDirError(f"{path}: {err}") from None
+    manifest = Manifest.from_dict(data)
     problems = []
     for name, expected in manifest.files.items():
-        if not (directory / name).is_file():
+        member = member_path(directory, name, f"{path} files")
+        if not member.is_file():
             problems.append(f"{name} is missing")
-        elif file_sha256(directory / name) != expected:
+        elif file_sha256(member) != expected:
             problems.append(f"{name} differs from the file that was exported (sha256 mismatch)")
     if problems:
         raise ExportDirError(f"{directory} does not match its manifest: {'; '.join(problems)}; {REEXPORT}")

@@ -22,10 +22,8 @@ class Denoiser(Protocol):
 
 
 def consistency_times(cfg: SamplerConfig) -> tuple[float, ...]:
-    times = cfg.consistency_steps[cfg.nfe]
-    if len(times) != cfg.nfe:
-        raise ValueError(f"consistency_steps[{cfg.nfe}] has {len(times)} step times, expected {cfg.nfe}")
-    return times
+    """The nfe step times (SamplerConfig guarantees nfe of them, decreasing)."""
+    return cfg.consistency_steps[cfg.nfe]
 
 
 def noise_shape(cfg: SamplerConfig, latent_dim: int) -> tuple[int, int]:

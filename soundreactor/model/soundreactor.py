@@ -12,7 +12,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from soundreactor.checkpoint import check_state_dict, load_checkpoint, read_tensor_file, save_checkpoint
+from soundreactor.checkpoint import (
+    check_state_dict,
+    load_checkpoint,
+    read_tensor_file,
+    read_weights,
+    save_checkpoint,
+)
 from soundreactor.config import ModelConfig, preset
 from soundreactor.model.head import DiffusionHead
 from soundreactor.model.samplers import noise_shape, sample
@@ -52,10 +58,13 @@ class SoundReactor(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, input_hw: tuple[int, int] | None = None) -> SoundReactor:
-        """Model from a checkpoint; every key and shape is checked, and all mismatches are named at once."""
+        """Model from a checkpoint; the stored config is validated and every key, shape and dtype checked (all
+        mismatches named at once) before any weight memory is allocated."""
         config, tensors = load_checkpoint(path)
+        with torch.device("meta"):
+            expected = cls(config, input_hw).state_dict()
+        check_state_dict(expected, tensors, f"checkpoint {path}")
         model = cls(config, input_hw)
-        check_state_dict(model.state_dict(), tensors, f"checkpoint {path}")
         model.load_state_dict(tensors, strict=True)
         return model.eval()
 
@@ -71,10 +80,13 @@ def init_model(
     dinov2: str | Path | None = None,
     vae: str | Path | None = None,
     input_hw: tuple[int, int] | None = None,
+    vae_prefix: str | None = None,
+    vae_weights: str = "ema",
 ) -> tuple[SoundReactor, list[str]]:
     """A model of the named preset with seeded random weights, taking the official DINOv2 / VAE weights where given.
 
-    Returns the model and lines describing what was loaded from where.
+    `vae_prefix` / `vae_weights` pick the VAE copy in a file holding several (see `vae_state_from_official`).
+    Returns the model and lines describing what was loaded from where, and in which layout.
     """
     config = preset(preset_name)
     with torch.random.fork_rng():
@@ -87,10 +99,10 @@ def init_model(
         model.vision.dinov2.load_state_dict(tensors)
         notes.append(f"DINOv2: {len(tensors)} tensors from {dinov2}")
     if vae is not None:
-        tensors, prefix = vae_state_from_official(read_tensor_file(vae), config.vae)
+        raw, container = read_weights(vae)
+        tensors, layout = vae_state_from_official(raw, config.vae, vae_prefix, vae_weights)
         model.vae.load_state_dict(tensors)
-        where = f" (key prefix {prefix!r} stripped)" if prefix else ""
-        notes.append(f"VAE: {len(tensors)} tensors from {vae}{where}, weight norm folded")
+        notes.append(f"VAE: {len(tensors)} tensors from {vae} ({container}; {layout.describe()})")
     return model.eval(), notes
 
 

@@ -1,7 +1,7 @@
 """Causal Oobleck audio VAE (`sr_ds_1600_dim_64_causal`): offline codec, streaming decoder, official weights.
 
 Module names follow the official stable-audio-tools / SoundReactor code, so a checkpoint loads after
-`vae_state_from_official` folds its legacy weight norm into plain `weight` tensors.
+`vae_state_from_official` strips its wrapper prefix and folds its weight norm into plain `weight` tensors.
 
 Causality: a conv pads `(k-1)*dilation + 1 - stride` zeros on the left; a transposed conv trims its last
 `k - stride` samples. The streaming decoder replaces the padding with each conv's input history and turns
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -258,36 +259,59 @@ class AudioVAE(nn.Module):
         return self.decoder(latents)
 
 
-def fold_weight_norm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Replace legacy `X.weight_g` / `X.weight_v` pairs by `X.weight = g * v / ||v||`.
+# weight-norm key pairs (g suffix, v suffix) -> how the file was written: torch.nn.utils.weight_norm (stable-audio-
+# tools' WNConv1d) stores weight_g/weight_v; torch.nn.utils.parametrizations.weight_norm, its replacement, stores g
+# as original0 and v as original1 under parametrizations.weight.
+WEIGHT_NORM_KEYS = {
+    (".weight_g", ".weight_v"): "legacy weight norm (weight_g/weight_v)",
+    (
+        ".parametrizations.weight.original0",
+        ".parametrizations.weight.original1",
+    ): "parametrized weight norm (parametrizations.weight.original0/original1)",
+}
+EMA_CHOICES = ("ema", "online")
 
-    The norm runs over every dim where g has size 1, as torch's legacy `weight_norm` does (dim=0 by default,
-    also for ConvTranspose1d, whose dim 0 is the input channel: g [in, 1, 1]).
+
+def fold_weight_norm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Replace every weight-norm pair (either layout of WEIGHT_NORM_KEYS) by `X.weight = g * v / ||v||`.
+
+    The norm runs over every dim where g has size 1, as torch's weight norm does (dim=0 by default, also for
+    ConvTranspose1d, whose dim 0 is the input channel: g [in, 1, 1]). Computed in float32, returned in v's dtype.
+    Raises ValueError for a g without its v (or the reverse) and for shapes that do not pair up.
     """
     out: dict[str, Tensor] = {}
+    pairs: dict[str, dict[str, tuple[str, Tensor]]] = {}
     for key, value in state_dict.items():
-        if key.endswith(".weight_v"):
-            continue
-        if not key.endswith(".weight_g"):
+        for suffixes in WEIGHT_NORM_KEYS:
+            role = next((r for r, sfx in zip("gv", suffixes, strict=True) if key.endswith(sfx)), None)
+            if role is not None:
+                base = key[: -len(suffixes["gv".index(role)])] + ".weight"
+                pairs.setdefault(base, {})[role] = (key, value)
+                break
+        else:
             out[key] = value
-            continue
-        base = key[: -len("_g")]
-        v = state_dict.get(base + "_v")
-        if v is None:
-            raise ValueError(f"{key} has no matching {base}_v; the weight-norm pair is incomplete")
-        g = value
+    for base, pair in pairs.items():
+        if len(pair) != 2:
+            (role, (key, _)), other = next(iter(pair.items())), "v" if "g" in pair else "g"
+            raise ValueError(
+                f"{key} ({role}) has no matching weight-norm {other} for {base}; the pair is incomplete"
+            )
+        (g_key, g), (v_key, v) = pair["g"], pair["v"]
         if g.dim() != v.dim() or any(gs not in (1, vs) for gs, vs in zip(g.shape, v.shape, strict=True)):
-            raise ValueError(f"{key} shape {list(g.shape)} does not fit {base}_v shape {list(v.shape)}")
+            raise ValueError(f"{g_key} shape {list(g.shape)} does not fit {v_key} shape {list(v.shape)}")
         dims = [d for d in range(v.dim()) if g.shape[d] == 1]
         v32 = v.float()
         out[base] = (v32 * (g.float() / torch.linalg.vector_norm(v32, dim=dims, keepdim=True))).to(v.dtype)
-    orphans = [k for k in state_dict if k.endswith(".weight_v") and k[: -len("_v")] + "_g" not in state_dict]
-    if orphans:
-        raise ValueError(f"weight_v without weight_g: {orphans[:8]}; the weight-norm pairs are incomplete")
     return out
 
 
-def _find_prefix(keys: list[str]) -> str:
+def weight_norm_layouts(keys: list[str]) -> tuple[str, ...]:
+    """The weight-norm layouts (WEIGHT_NORM_KEYS names) that `keys` use."""
+    return tuple(name for (g, _), name in WEIGHT_NORM_KEYS.items() if any(k.endswith(g) for k in keys))
+
+
+def _vae_prefixes(keys: list[str]) -> list[str]:
+    """Every key prefix under which a VAE's `encoder.layers.*` / `decoder.layers.*` sit, sorted."""
     prefixes = set()
     for key in keys:
         parts = key.split(".")
@@ -299,9 +323,55 @@ def _find_prefix(keys: list[str]) -> str:
         raise ValueError(
             "no `encoder.layers.*` / `decoder.layers.*` keys found; is this an Oobleck VAE file?"
         )
-    if len(prefixes) > 1:
-        raise ValueError(f"several VAE key prefixes {sorted(prefixes)}; pass prefix= to choose one")
-    return prefixes.pop()
+    return sorted(prefixes)
+
+
+def is_ema(prefix: str) -> bool:
+    """An exponential-moving-average copy: stable-audio-tools' `autoencoder_ema.ema_model.`, or any `ema` part."""
+    return any(p == "ema" or p.startswith("ema_") or p.endswith("_ema") for p in prefix.split("."))
+
+
+def choose_prefix(prefixes: list[str], weights: str = "ema") -> str:
+    """The VAE copy to read among `prefixes`: with weights="ema" the EMA copy where the file has one (what
+    stable-audio-tools' `export_model` unwraps and releases), else the online weights. An EMA wrapper's
+    reference to the online model (ema_pytorch's `online_model.`) duplicates it and is never chosen by itself."""
+    if weights not in EMA_CHOICES:
+        raise ValueError(f"VAE weights must be one of {', '.join(EMA_CHOICES)}, got {weights!r}")
+    pool = [p for p in prefixes if "online_model" not in p.split(".")] or prefixes
+    ema = [p for p in pool if is_ema(p)]
+    online = [p for p in pool if not is_ema(p)]
+    chosen = (ema or online) if weights == "ema" else online
+    if not chosen:
+        raise ValueError(
+            f"the file holds only EMA copies of the VAE ({', '.join(map(repr, ema))}); use --vae-weights ema"
+        )
+    if len(chosen) > 1:
+        raise ValueError(
+            f"several VAE copies under key prefixes {', '.join(map(repr, chosen))}: choose one with "
+            "--vae-prefix PREFIX (`prefix=` in the API)"
+        )
+    return chosen[0]
+
+
+@dataclass(frozen=True)
+class VAELayout:
+    """How a VAE checkpoint was laid out, as read by `vae_state_from_official`."""
+
+    prefix: str  # key prefix stripped ('' for an unwrapped file)
+    ema: bool  # the copy read is an EMA copy
+    weight_norm: tuple[str, ...]  # WEIGHT_NORM_KEYS names folded; () for plain weights
+    others: tuple[str, ...]  # prefixes of the other VAE copies in the file, not read
+    dropped: int  # keys outside the chosen encoder/decoder
+
+    def describe(self) -> str:
+        copy = f"key prefix {self.prefix!r}" if self.prefix else "no key prefix"
+        parts = [copy + (" (EMA copy)" if self.ema else "")]
+        parts.append(", ".join(self.weight_norm) + " folded" if self.weight_norm else "plain weights")
+        if self.others:
+            parts.append(f"not read: {', '.join(map(repr, self.others))} (--vae-prefix/--vae-weights choose)")
+        if self.dropped:
+            parts.append(f"{self.dropped} other keys ignored")
+        return "; ".join(parts)
 
 
 def _listing(keys: list[str]) -> str:
@@ -309,23 +379,43 @@ def _listing(keys: list[str]) -> str:
 
 
 def vae_state_from_official(
-    raw: Mapping[str, Any], cfg: VAEConfig | None = None, prefix: str | None = None
-) -> tuple[dict[str, Tensor], str]:
-    """Official checkpoint dict -> (state dict for `AudioVAE(cfg)`, the key prefix that was stripped).
+    raw: Mapping[str, Any], cfg: VAEConfig | None = None, prefix: str | None = None, weights: str = "ema"
+) -> tuple[dict[str, Tensor], VAELayout]:
+    """Official checkpoint dict -> (float state dict for `AudioVAE(cfg)`, the layout that was read).
 
-    Accepts a nested `state_dict` entry, strips a prefix such as `autoencoder.` (found automatically unless
-    given), drops keys outside encoder/decoder (logged), folds weight norm, and checks every key and shape.
+    Accepts what stable-audio-tools-style training writes: a nested `state_dict` (Lightning, `export_model`),
+    any key prefix (`autoencoder.`, `model.`, `module.` from DDP, `_orig_mod.` from torch.compile,
+    `pretransform.model.` inside a diffusion checkpoint), EMA copies (`prefix` picks a copy, else `weights`,
+    see `choose_prefix`), legacy or parametrized weight norm (folded). Every key, shape and dtype (floating
+    point) is checked; ValueError names each mismatch.
     """
     cfg = cfg or VAEConfig()
     if isinstance(raw.get("state_dict"), Mapping):
         raw = raw["state_dict"]
+    prefixes = _vae_prefixes(list(raw))
     if prefix is None:
-        prefix = _find_prefix(list(raw))
+        prefix = choose_prefix(prefixes, weights)
+    elif prefix not in prefixes:
+        raise ValueError(
+            f"no VAE keys under prefix {prefix!r}; the file holds VAE weights under {', '.join(map(repr, prefixes))}"
+        )
     ours = (prefix + "encoder.", prefix + "decoder.")
     state = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(ours)}
     dropped = [k for k in raw if not k.startswith(ours)]
     if dropped:
         log.info("VAE checkpoint: dropped %s keys outside encoder/decoder", _listing(dropped))
+    layout = VAELayout(
+        prefix,
+        is_ema(prefix),
+        weight_norm_layouts(list(state)),
+        tuple(p for p in prefixes if p != prefix),
+        len(dropped),
+    )
+    not_float = [
+        f"{k} ({v.dtype})" for k, v in state.items() if not (isinstance(v, Tensor) and v.is_floating_point())
+    ]
+    if not_float:
+        raise ValueError(f"VAE checkpoint (prefix {prefix!r}) holds non-float weights: {_listing(not_float)}")
     state = fold_weight_norm(state)
 
     with torch.device("meta"):
@@ -346,4 +436,4 @@ def vae_state_from_official(
         raise ValueError(
             f"checkpoint (prefix {prefix!r}) does not fit AudioVAE({cfg}): " + "; ".join(problems)
         )
-    return state, prefix
+    return {k: v.float() for k, v in state.items()}, layout

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from soundreactor.config import check_guidance
 from soundreactor.export.manifest import (
     REEXPORT,
     ExportDirError,
@@ -88,6 +89,7 @@ class OrtStreams(Streams):
         options: ort.SessionOptions | None = None,
     ) -> None:
         """`options` replaces `default_options()`; `checkpoint`, when given, must be the one exported from."""
+        guidance = None if guidance is None else check_guidance(guidance)
         self.directory = Path(directory)
         self.manifest = manifest = load_manifest(directory)
         if checkpoint is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from soundreactor.config import check_guidance
 from soundreactor.engine.bindings import BindingPlan, plan_bindings
 from soundreactor.engine.tensorrt_env import (
     check_cuda,
@@ -93,6 +94,7 @@ class TrtStreams(Streams):
         guidance: float | None = None,
         device: int = 0,
     ) -> None:
+        guidance = None if guidance is None else check_guidance(guidance)  # before any GPU work
         self.graphs: list[Any] = []
         self.buffers: DeviceBuffers | None = None
         self.stream: Any = None
