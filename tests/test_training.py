@@ -205,8 +205,8 @@ def test_vae_weight_norm_is_the_official_layout() -> None:
         key = key.replace(".parametrizations.weight.original1", ".weight_v")
         official["autoencoder." + key] = value
     assert any(k.startswith("autoencoder.encoder.layers.1.layers.0.layers.1.weight_g") for k in official)
-    loaded, prefix = vae_state_from_official(official, trained.cfg)
-    assert prefix == "autoencoder."
+    loaded, layout = vae_state_from_official(official, trained.cfg)
+    assert layout.prefix == "autoencoder."
     folded = folded_state(trained)
     assert loaded.keys() == folded.keys()
     for key in folded:
