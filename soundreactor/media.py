@@ -67,7 +67,9 @@ def _open_video(path: str | Path):
         pictures = len(container.streams.video)
         container.close()
         cover = f" and {pictures} attached picture(s) (cover art, not video)" if pictures else ""
-        raise ValueError(f"{path} has no video stream (it holds {', '.join(kinds)}{cover}); pass a video file")
+        raise ValueError(
+            f"{path} has no video stream (it holds {', '.join(kinds)}{cover}); pass a video file"
+        )
     return container, streams[0]
 
 
@@ -132,9 +134,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         return VideoInfo(width, height, fps, frame_count, duration_s, 90 * turns)
 
 
-def read_frames(
-    path: str | Path, fps: int = 30, size: tuple[int, int] | None = None
-) -> Iterator[np.ndarray]:
+def read_frames(path: str | Path, fps: int = 30, size: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
     """Yield RGB uint8 [H, W, 3] frames as displayed, resampled to `fps` by presentation time, streaming.
 
     Output frame k is the latest input frame whose pts <= k / fps (times relative to the first frame, equal
@@ -280,7 +280,9 @@ def pick_video_encoder() -> str:
     return "h264"
 
 
-def _audio_packets(audio_wav: Path, out_stream, start: int, num_samples: int, block: int = SAMPLE_RATE) -> Iterator:
+def _audio_packets(
+    audio_wav: Path, out_stream, start: int, num_samples: int, block: int = SAMPLE_RATE
+) -> Iterator:
     """Encode the WAV as AAC from sample `start` of the output's timeline, trimmed or zero-padded to num_samples."""
     import av
 
