@@ -170,7 +170,8 @@ def check_replaceable(directory: Path) -> None:
         return
     if not directory.is_dir():
         raise ValueError(f"{directory} is a file, not a folder: choose a folder for the export")
-    if any(directory.iterdir()) and not (directory / MANIFEST_NAME).is_file():
+    names = os.listdir(directory)  # one listing, so a folder replaced meanwhile is judged as one version
+    if names and MANIFEST_NAME not in names:
         raise ValueError(
             f"{directory} holds files but no {MANIFEST_NAME}, so it is not an export and is not replaced: "
             "choose a new or empty folder"
@@ -192,9 +193,9 @@ def publish(staging: Path, directory: Path) -> bool:
         except OSError as err:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-        check_replaceable(directory)
         old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
         try:
+            check_replaceable(directory)
             os.rename(directory, old)
         except FileNotFoundError:  # another publisher moved it first
             continue
