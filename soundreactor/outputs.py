@@ -46,7 +46,7 @@ def check_outputs(
                     f"{flag} {path} {what} the input {in_flag} {source}: writing it would destroy the input; "
                     "choose another output path"
                 )
-            if directories and _inside(source, path):
+            if directories and source.exists() and _inside(source, path):
                 raise OutputPathError(
                     f"{flag} {path} holds the input {in_flag} {source}: replacing the folder would delete it; "
                     "choose another output folder"
