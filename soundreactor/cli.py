@@ -63,6 +63,7 @@ def _session(args: argparse.Namespace):
 def cmd_init(args: argparse.Namespace) -> None:
     from soundreactor.model.soundreactor import init_model
 
+    check_outputs([("--out", args.out)], [("--dinov2", args.dinov2), ("--vae", args.vae)])
     model, notes = init_model(args.preset, seed=args.seed, dinov2=args.dinov2, vae=args.vae)
     model.save(args.out)
     for line in notes:

@@ -181,6 +181,9 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys):
     assert "holds the input --checkpoint" in _one_error_line(capsys)
     assert main([*export, str(video)]) == 2
     assert "is a file, not a folder" in _one_error_line(capsys)
+    assert main(["init", "--preset", "tiny", "--vae", str(checkpoint), "--out", str(checkpoint)]) == 2
+    assert f"--out {checkpoint} is the input --vae {checkpoint}" in _one_error_line(capsys)
+    assert checkpoint.read_bytes() == b"x"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
@@ -247,3 +250,28 @@ def test_sigterm_during_run_is_a_ctrl_c(tmp_path, tiny_checkpoint):
     assert f"kept {frames / 48000:.2f} s of audio" in err
     with open(wav, "rb") as f:  # the header's RIFF size is the file's: finished, as strict readers require
         assert f.read(4) == b"RIFF" and int.from_bytes(f.read(4), "little") == wav.stat().st_size - 8
+
+
+def test_run_covers_a_video_whose_size_changes(tmp_path, tiny_checkpoint, capsys):
+    """A call recording that switches resolution: MPEG-TS segments of 32x48 and 48x64 concatenate into one stream.
+    The model is built for the first frame's size and every later frame is scaled to it."""
+    segments = []
+    for i, (h, w) in enumerate([(32, 48), (48, 64)]):
+        segments.append(tmp_path / f"{i}.ts")
+        with av.open(str(segments[-1]), "w", format="mpegts") as out:
+            stream = out.add_stream("mpeg2video", rate=30)
+            stream.height, stream.width, stream.pix_fmt = h, w, "yuv420p"
+            for k in range(6):
+                frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 40 * k, np.uint8), format="rgb24")
+                frame.pts = 6 * i + k
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode(None))
+    video = tmp_path / "call.ts"
+    video.write_bytes(b"".join(s.read_bytes() for s in segments))
+    with av.open(str(video)) as c:
+        shown = [(f.height, f.width) for f in c.decode(video=0)]
+    assert {(32, 48), (48, 64)} <= set(shown)
+    wav = tmp_path / "call.wav"
+    args = ["run", "--video", str(video), "--checkpoint", str(tiny_checkpoint), "--nfe", "1"]
+    assert main([*args, "--out", str(wav)]) == 0
+    assert soundfile.info(wav).frames == len(shown) * 1600  # one frame of audio per frame shown (30 fps)
