@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from soundreactor.config import PRESETS
 from soundreactor.engine.commands import add_commands as add_engine_commands
 from soundreactor.engine.tensorrt_env import TensorRTMissing
 from soundreactor.export.commands import add_commands as add_export_commands
+from soundreactor.outputs import check_outputs
 from soundreactor.training.commands import add_commands as add_training_commands
 from soundreactor.training.evaluate import add_evaluate_command
 
@@ -62,6 +65,7 @@ def _session(args: argparse.Namespace):
 def cmd_init(args: argparse.Namespace) -> None:
     from soundreactor.model.soundreactor import init_model
 
+    check_outputs([("--out", args.out)], [("--dinov2", args.dinov2), ("--vae", args.vae)])
     model, notes = init_model(
         args.preset,
         seed=args.seed,
@@ -77,14 +81,23 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from soundreactor.media import mux
-    from soundreactor.pipeline import video_to_wav
+    from soundreactor.media import mux, probe_video
+    from soundreactor.pipeline import Interrupted, video_to_wav
 
+    inputs = [("--video", args.video), ("--checkpoint", args.checkpoint), ("--engines", args.engines)]
+    check_outputs([("--out", args.out), ("--mux", args.mux)], inputs)
+    probe_video(args.video)  # a missing or unreadable video fails before a model loads
     session = _session(args)
     report = video_to_wav(session, args.video, args.out)
     print(f"wrote {args.out}")
     if args.mux:
-        mux(args.video, args.out, args.mux)
+        try:
+            for line in mux(args.video, args.out, args.mux):
+                print(f"  {line}")
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted while muxing: {args.mux} not written; {args.out} is complete"
+            ) from None
         print(f"wrote {args.mux}")
     print(report.summary())
 
@@ -172,11 +185,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status 0, 2 for an error (one `error:` line), 130 when interrupted by Ctrl-C or
+    SIGTERM (what was kept on disk is printed)."""
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    if in_main_thread:
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop is a Ctrl-C
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError, TensorRTMissing) as err:
+    except KeyboardInterrupt as err:
+        print(str(err) or "interrupted", file=sys.stderr)
+        return 130
+    except (
+        ModuleNotFoundError
+    ) as err:  # an optional dependency of this command (the parser itself needs none)
+        print(
+            f"error: `soundreactor {args.command}` needs the {err.name} package, which is not installed "
+            f"({err}); install it with pip",
+            file=sys.stderr,
+        )
+        return 2
+    except (OSError, ValueError, TensorRTMissing) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0

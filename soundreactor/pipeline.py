@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,20 +44,47 @@ class LatencyReport:
         )
 
 
-def video_to_wav(session: Session, video: str | Path, wav: str | Path, fps: int = 30) -> LatencyReport:
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run; the message says what was kept on disk."""
+
+
+def video_to_wav(
+    session: Session,
+    video: str | Path,
+    wav: str | Path,
+    fps: int = 30,
+    note: Callable[[str], None] = tqdm.write,
+) -> LatencyReport:
     """Stream every frame of `video` through `session`, appending audio to `wav` as it is produced.
 
-    Audio already written stays valid on disk if a later frame fails.
+    Frames are read as displayed and scaled to the session's frame size, so a video of another size, or one
+    whose size changes partway, is covered in full (`note` is told when scaling happens, and when the WAV
+    switches to RF64). Audio already written stays valid on disk if a later frame fails or the process is
+    interrupted or killed (see WavWriter). Raises Interrupted (a KeyboardInterrupt) saying what was kept.
     """
     info = probe_video(video)
-    times = []
-    with WavWriter(wav, sample_rate=session.sample_rate) as out:
-        frames = tqdm(
-            read_frames(video, fps=fps), total=round(info.duration_s * fps), unit="frame", desc="generating"
+    if (info.height, info.width) != tuple(session.frame_hw):
+        h, w = session.frame_hw
+        note(
+            f"{video} is {info.height}x{info.width} as displayed: frames are scaled to the session's {h}x{w}"
         )
-        for frame in frames:
-            start = time.perf_counter()
-            audio = session.step(frame)
-            times.append(time.perf_counter() - start)
-            out.write(audio)
+    times = []
+    with WavWriter(wav, sample_rate=session.sample_rate, on_switch=note) as out:
+        try:
+            frames = tqdm(
+                read_frames(video, fps=fps, size=session.frame_hw),
+                total=round(info.duration_s * fps),
+                unit="frame",
+                desc="generating",
+            )
+            for frame in frames:
+                start = time.perf_counter()
+                audio = session.step(frame)
+                times.append(time.perf_counter() - start)
+                out.write(audio)
+        except KeyboardInterrupt:
+            seconds = out.frames_written / session.sample_rate
+            raise Interrupted(
+                f"interrupted: kept {seconds:.2f} s of audio in {wav} ({out.container}, complete up to there)"
+            ) from None
     return LatencyReport.from_times(times, fps)

@@ -324,3 +324,12 @@ def test_metrics_against_known_signals() -> None:
     center = freqs[np.argmax(bank[band])]
     assert abs(center - 1000) < 100
     assert metrics.cosine_rows(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]]))[0] == pytest.approx(2**-0.5)
+
+
+def test_command_names_match_the_implementation() -> None:
+    """The parser's onnx-free names (calibration/options.py) are the implemented schemes and known graphs."""
+    from soundreactor.calibration.options import DEFAULT_COMPONENTS, SCHEME_NAMES
+    from soundreactor.calibration.quantize import SCHEMES
+
+    assert sorted(SCHEME_NAMES) == sorted(SCHEMES)
+    assert check_components(DEFAULT_COMPONENTS) == DEFAULT_COMPONENTS

@@ -1,6 +1,11 @@
 """The command line end to end on the tiny preset: demo, init + run, and the errors users see."""
 
 import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import av
 import numpy as np
@@ -9,6 +14,22 @@ import soundfile
 
 from soundreactor.cli import main
 from soundreactor.demo_video import make_demo_video
+from soundreactor.runtime.session import Session
+
+# A meta-path finder that makes torch and onnx unimportable, as in an environment with numpy + onnxruntime only.
+BLOCK_TORCH_AND_ONNX = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "onnxscript"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def without_torch_and_onnx(lines: list[str]) -> subprocess.CompletedProcess:
+    script = BLOCK_TORCH_AND_ONNX + "\n".join(lines)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
 
 
 def test_demo_writes_wav_mp4_and_latency(tmp_path, capsys):
@@ -86,14 +107,172 @@ def test_export_check_and_run_on_onnxruntime(tmp_path, capsys):
     reference = soundfile.read(tmp_path / "torch.wav")[0]
     np.testing.assert_allclose(soundfile.read(tmp_path / "ort.wav")[0], reference, atol=1e-5)  # fp32 graphs
 
+    # Another size than the export's: every frame is scaled to 64x112, in an environment without torch or onnx.
     other = make_demo_video(tmp_path / "other.mp4", seconds=0.2, size=(48, 80))
-    capsys.readouterr()
-    bad = ["run", "--video", str(other), "--backend", "onnxruntime", "--engines", str(engines)]
-    assert main([*bad, "--out", str(tmp_path / "x.wav")]) == 2
-    assert "48x80 does not match" in capsys.readouterr().err
+    ort_run = ["run", "--video", str(other), "--backend", "onnxruntime", "--engines", str(engines)]
+    result = without_torch_and_onnx(
+        [
+            "from soundreactor.cli import main",
+            f"sys.exit(main({ort_run!r} + ['--out', {str(tmp_path / 'x.wav')!r}]))",
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "frames are scaled to the session's 64x112" in result.stdout
+    scaled, _ = soundfile.read(tmp_path / "x.wav", always_2d=True)
+    assert scaled.shape == (6 * 1600, 2) and np.isfinite(scaled).all()  # 0.2 s at 30 fps: the whole video
+
+    capsys.readouterr()  # a second export into the folder replaces the first as a whole, and says so
+    assert main([*export, "--nfe", "2", "--slots", "1"]) == 0
+    assert f"replaced the export that was in {engines}" in capsys.readouterr().out
+    assert main(["check", str(engines)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folders
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="checks the no-TensorRT message")
 def test_tensorrt_commands_explain_a_missing_install(tmp_path, capsys):
     assert main(["build", "--engines", str(tmp_path)]) == 2
     assert "tensorrt" in capsys.readouterr().err.lower()
+
+
+def test_parser_imports_neither_torch_nor_onnx():
+    result = without_torch_and_onnx(
+        [
+            "from soundreactor.cli import build_parser, main",
+            "build_parser()",
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx')))",
+            "sys.exit(main(['calibrate', '--engines', 'e', '--out', 'q']))",
+        ]
+    )
+    assert result.stdout.strip() == "[]"
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: `soundreactor calibrate` needs the onnx package")
+    assert "Traceback" not in result.stderr
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, capsys):
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.2, size=(48, 80))
+    original = video.read_bytes()
+    # The checkpoint does not exist: an output error must come first, before anything is loaded.
+    run = ["run", "--video", str(video), "--checkpoint", str(tmp_path / "none.safetensors")]
+    cases = [
+        (["--out", str(video)], "--out {v} is the input --video {v}"),
+        (["--out", str(tmp_path / "a.wav"), "--mux", str(video)], "--mux {v} is the input --video {v}"),
+        (["--out", str(tmp_path / "a.wav"), "--mux", str(tmp_path / "." / "a.wav")], "both name"),
+        (["--out", str(tmp_path / "missing" / "a.wav")], f"the folder {tmp_path / 'missing'} does not exist"),
+        (["--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
+        (["--out", str(tmp_path / "a.wav"), "--mux", str(tmp_path / "no" / "m.mp4")], f"{tmp_path / 'no'}"),
+    ]
+    for extra, message in cases:
+        assert main([*run, *extra]) == 2
+        assert message.format(v=video) in _one_error_line(capsys)
+    assert video.read_bytes() == original  # the input survives every attempt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+    checkpoint = tmp_path / "ck.safetensors"
+    checkpoint.write_bytes(b"x")
+    export = ["export", "--checkpoint", str(checkpoint), "--out"]
+    assert (
+        main([*export, str(tmp_path)]) == 2
+    )  # the folder holds the checkpoint: replacing it would delete it
+    assert "holds the input --checkpoint" in _one_error_line(capsys)
+    assert main([*export, str(video)]) == 2
+    assert "is a file, not a folder" in _one_error_line(capsys)
+    assert main(["init", "--preset", "tiny", "--vae", str(checkpoint), "--out", str(checkpoint)]) == 2
+    assert f"--out {checkpoint} is the input --vae {checkpoint}" in _one_error_line(capsys)
+    assert checkpoint.read_bytes() == b"x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_output_folder_is_named(tmp_path, capsys):
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.2, size=(48, 80))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["run", "--video", str(video), "--checkpoint", "x", "--out", str(locked / "a.wav")]) == 2
+    assert f"the folder {locked} is not writable" in _one_error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    checkpoint = tmp_path_factory.mktemp("cli") / "tiny.safetensors"
+    assert main(["init", "--preset", "tiny", "--seed", "1", "--out", str(checkpoint)]) == 0
+    return checkpoint
+
+
+def test_ctrl_c_keeps_the_audio_and_exits_130(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.3, size=(48, 80))
+    step, calls = Session.step, []
+
+    def interrupted_at_the_fourth_frame(self, frame):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return step(self, frame)
+
+    monkeypatch.setattr(Session, "step", interrupted_at_the_fourth_frame)
+    wav = tmp_path / "clip.wav"
+    args = ["run", "--video", str(video), "--checkpoint", str(tiny_checkpoint), "--nfe", "1"]
+    assert main([*args, "--out", str(wav), "--mux", str(tmp_path / "m.mp4")]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: kept 0.10 s of audio in {wav}" in err and "Traceback" not in err
+    assert soundfile.info(wav).frames == 3 * 1600
+    assert not (tmp_path / "m.mp4").exists()
+
+
+def test_sigterm_during_run_is_a_ctrl_c(tmp_path, tiny_checkpoint):
+    """A real SIGTERM to `soundreactor run`: exit 130, a finished header holding every frame written."""
+    video = make_demo_video(tmp_path / "long.mp4", seconds=20, size=(32, 48))
+    wav = tmp_path / "long.wav"
+    command = [sys.executable, "-m", "soundreactor", "run", "--video", str(video), "--checkpoint"]
+    child = subprocess.Popen(
+        [*command, str(tiny_checkpoint), "--nfe", "1", "--out", str(wav)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (wav.exists() and soundfile.info(wav).frames >= 2 * 1600):
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert "interrupted: kept" in err and "Traceback" not in err
+    frames = soundfile.info(wav).frames
+    assert frames % 1600 == 0 and 2 * 1600 <= frames < 600 * 1600
+    assert f"kept {frames / 48000:.2f} s of audio" in err
+    with open(wav, "rb") as f:  # the header's RIFF size is the file's: finished, as strict readers require
+        assert f.read(4) == b"RIFF" and int.from_bytes(f.read(4), "little") == wav.stat().st_size - 8
+
+
+def test_run_covers_a_video_whose_size_changes(tmp_path, tiny_checkpoint, capsys):
+    """A call recording that switches resolution: MPEG-TS segments of 32x48 and 48x64 concatenate into one stream.
+    The model is built for the first frame's size and every later frame is scaled to it."""
+    segments = []
+    for i, (h, w) in enumerate([(32, 48), (48, 64)]):
+        segments.append(tmp_path / f"{i}.ts")
+        with av.open(str(segments[-1]), "w", format="mpegts") as out:
+            stream = out.add_stream("mpeg2video", rate=30)
+            stream.height, stream.width, stream.pix_fmt = h, w, "yuv420p"
+            for k in range(6):
+                frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 40 * k, np.uint8), format="rgb24")
+                frame.pts = 6 * i + k
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode(None))
+    video = tmp_path / "call.ts"
+    video.write_bytes(b"".join(s.read_bytes() for s in segments))
+    with av.open(str(video)) as c:
+        shown = [(f.height, f.width) for f in c.decode(video=0)]
+    assert {(32, 48), (48, 64)} <= set(shown)
+    wav = tmp_path / "call.wav"
+    args = ["run", "--video", str(video), "--checkpoint", str(tiny_checkpoint), "--nfe", "1"]
+    assert main([*args, "--out", str(wav)]) == 0
+    assert soundfile.info(wav).frames == len(shown) * 1600  # one frame of audio per frame shown (30 fps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import ml_dtypes
@@ -21,7 +22,7 @@ from onnx.reference import ReferenceEvaluator
 
 from soundreactor.config import ModelConfig
 from soundreactor.export.commands import add_commands
-from soundreactor.export.exporter import cast_model, set_softmax_precision, to_onnx
+from soundreactor.export.exporter import cast_model, publish, set_softmax_precision, to_onnx
 from soundreactor.export.graphs import frame_graphs
 from soundreactor.export.manifest import ExportDirError, GraphSpec, file_sha256, load_manifest
 from soundreactor.model.soundreactor import SoundReactor, init_model
@@ -297,3 +298,51 @@ def test_export_command_rejects_bad_arguments(tmp_path, capsys):
     assert "480x854" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         run_command(["export", "--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)])
+
+
+def _staged_export(parent: Path, tag: str) -> Path:
+    """A complete stand-in export (manifest plus graph files naming its writer), staged beside the target."""
+    staging = parent / f".staging-{tag}"
+    staging.mkdir()
+    for name in ("manifest.json", "vision.onnx", "vision.weights"):
+        (staging / name).write_text(tag)
+    return staging
+
+
+def test_concurrent_exports_never_mix(tmp_path):
+    """Two writers publishing into one folder at the same moments: it ends with one writer's complete export."""
+    target = tmp_path / "engines"
+    barrier = threading.Barrier(2, timeout=30)
+    replaced = []
+
+    def writer(tag: str) -> None:
+        for i in range(25):
+            staging = _staged_export(tmp_path, f"{tag}{i}")
+            barrier.wait()
+            replaced.append(publish(staging, target))
+
+    threads = [threading.Thread(target=writer, args=(tag,)) for tag in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    files = {p.name: p.read_text() for p in target.iterdir()}
+    assert sorted(files) == ["manifest.json", "vision.onnx", "vision.weights"]
+    assert len(set(files.values())) == 1
+    assert (
+        sum(replaced) >= 24
+    )  # each round after the first: whoever came second found an export and replaced it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # nothing left beside it
+
+
+def test_a_folder_that_is_not_an_export_is_never_replaced(tmp_path):
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "holiday.jpg").write_bytes(b"jpeg")
+    staging = _staged_export(tmp_path, "a")
+    with pytest.raises(ValueError, match=r"photos holds files but no manifest.json"):
+        publish(staging, target)
+    assert (target / "holiday.jpg").read_bytes() == b"jpeg"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert publish(staging, empty) is False and (empty / "manifest.json").read_text() == "a"

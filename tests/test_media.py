@@ -1,4 +1,10 @@
 import itertools
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
 from fractions import Fraction
 
 import av
@@ -9,6 +15,7 @@ import soundfile as sf
 from soundreactor.demo_video import demo_frames, make_demo_video
 from soundreactor.media import (
     TIMESTAMP_TOLERANCE,
+    WAV_SIZE_LIMIT,
     WavWriter,
     mux,
     pick_video_encoder,
@@ -172,3 +179,255 @@ def test_mux_reencodes_unsupported_codec_and_pads_audio(tmp_path):
     assert abs(audio.shape[1] - 48000) <= 1024
     assert np.abs(audio[:, -12000:]).max() < 1e-3  # padded tail is silence
     assert _decoded_indices(tmp_path / "out.mp4") == list(range(30))
+
+
+def _encode(path, frames: list[np.ndarray], codec: str = "mpeg4", start_pts: int = 0, fmt=None, **options):
+    """Encode RGB frames at 30 fps, frame i at pts start_pts + i (time base 1/30)."""
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=30)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 4_000_000
+        if codec == "libx264":
+            stream.options = options
+        else:
+            for name, value in options.items():
+                setattr(stream.codec_context, name, value)
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = start_pts + i, Fraction(1, 30)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def _set_display_matrix(path, matrix: tuple[int, ...]) -> None:
+    """Write a 3x3 display matrix (a b u c d v x y w; 16.16 and 2.30 fixed point) into an MP4's track header,
+    as phones store portrait clips (ISO/IEC 14496-12 tkhd); PyAV has no API for stream side data."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"tkhd")
+    version = data[at + 4]
+    # tkhd: version+flags, 3 times (4 or 8 bytes), track id, reserved, duration; then reserved 8, layer,
+    # alternate group, volume, reserved 2, matrix.
+    offset = at + 8 + (32 if version == 1 else 20) + 16
+    data[offset : offset + 36] = struct.pack(">9i", *matrix)
+    path.write_bytes(data)
+
+
+def _marked_frame(height: int, width: int) -> np.ndarray:
+    """Dark frame with a bright block at the stored top-left corner, so orientation is visible."""
+    rgb = np.full((height, width, 3), 30, np.uint8)
+    rgb[: height // 2, : width // 3] = 220
+    return rgb
+
+
+# Display matrices as phones write them, and how FFmpeg shows the stored frame (np.rot90 turns counterclockwise).
+ROTATIONS = {
+    90: ((0, 1 << 16, 0, -(1 << 16), 0, 0, 32 << 16, 0, 1 << 30), lambda f: np.rot90(f, -1)),
+    180: ((-(1 << 16), 0, 0, 0, -(1 << 16), 0, 48 << 16, 32 << 16, 1 << 30), lambda f: np.rot90(f, 2)),
+    270: ((0, -(1 << 16), 0, 1 << 16, 0, 0, 0, 48 << 16, 1 << 30), lambda f: np.rot90(f, 1)),
+}
+
+
+@pytest.mark.parametrize("degrees", sorted(ROTATIONS))
+def test_rotated_clip_reaches_the_model_as_displayed(tmp_path, degrees):
+    stored = _marked_frame(32, 48)
+    path = _encode(tmp_path / "phone.mp4", [stored] * 3)
+    matrix, display = ROTATIONS[degrees]
+    _set_display_matrix(path, matrix)
+    expected = display(stored)
+    info = probe_video(path)
+    assert (info.height, info.width, info.rotation) == (*expected.shape[:2], degrees)
+    frames = list(read_frames(path))
+    assert len(frames) == 3 and frames[0].shape == expected.shape
+    assert np.abs(frames[0].astype(int) - expected).mean() < 6  # lossy MPEG-4, flat regions
+    # Scaling to a session size keeps the displayed orientation.
+    scaled = next(read_frames(path, size=(expected.shape[0] * 2, expected.shape[1] * 2)))
+    assert np.abs(scaled[::2, ::2].astype(int) - expected).mean() < 12
+
+
+def test_resolution_change_midway_is_scaled_to_one_size(tmp_path):
+    """A call recording whose resolution changes: MPEG-TS segments concatenate into one stream."""
+    first = _encode(tmp_path / "a.ts", [_marked_frame(32, 48)] * 4, "mpeg2video", fmt="mpegts")
+    second = _encode(tmp_path / "b.ts", [_marked_frame(48, 64)] * 4, "mpeg2video", start_pts=4, fmt="mpegts")
+    joined = tmp_path / "call.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    as_stored = list(read_frames(joined))
+    assert {f.shape for f in as_stored} == {(32, 48, 3), (48, 64, 3)}  # the stream really changes size
+    frames = list(read_frames(joined, size=(32, 48)))
+    assert len(frames) == len(as_stored) >= 6 and {f.shape for f in frames} == {(32, 48, 3)}
+    for f in frames:  # both halves show the marker where the source had it
+        assert f[:12, :12].mean() > 150 and f[20:, 24:].mean() < 60
+
+
+@pytest.mark.parametrize("suffix, codec", [("mp3", "libmp3lame"), ("flac", "flac")])
+def test_audio_with_cover_art_has_no_video(tmp_path, suffix, codec):
+    path = tmp_path / f"song.{suffix}"
+    with av.open(str(path), "w") as out:
+        audio = out.add_stream(codec, rate=48000, layout="stereo")
+        cover = out.add_stream("png", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 16, 16, "rgb24"
+        cover.disposition = av.stream.Disposition.attached_pic
+        picture = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 200, np.uint8), format="rgb24")
+        picture.pts = 0
+        out.mux([*cover.encode(picture), *cover.encode(None)])
+        samples = audio.codec_context.frame_size or 1152
+        fmt = audio.codec_context.format.name
+        for i in range(3):
+            silent = av.AudioFrame(format=fmt, layout="stereo", samples=samples)
+            for plane in silent.planes:
+                plane.update(bytes(plane.buffer_size))
+            silent.sample_rate, silent.pts = 48000, i * samples
+            out.mux(audio.encode(silent))
+        out.mux(audio.encode(None))
+    with av.open(str(path)) as c:  # the cover is a video stream to FFmpeg, claiming 90,000 fps
+        assert [s.type for s in c.streams] == ["audio", "video"]
+    for call in (probe_video, read_frames):
+        with pytest.raises(ValueError, match=r"has no video stream \(it holds audio and 1 attached picture"):
+            call(path)
+
+
+def _first_times(path) -> dict[str, float]:
+    """Presentation time of the first decoded frame of each stream kind."""
+    times = {}
+    with av.open(str(path)) as c:
+        for kind in ("video", "audio"):
+            stream = getattr(c.streams, kind)[0]
+            c.seek(0)
+            frame = next(c.decode(stream))
+            times[kind] = float(frame.pts * frame.time_base)
+    return times
+
+
+def test_mux_starts_audio_at_the_first_shown_frame(tmp_path):
+    video = _encode(tmp_path / "late.mp4", [_marked_frame(32, 48)] * 6, start_pts=300)  # first frame at 10 s
+    write_wav(tmp_path / "a.wav", np.full((2, 9600), 0.25, np.float32))  # 6 frames of 1600 samples
+    mux(video, tmp_path / "a.wav", tmp_path / "out.mp4")
+    times = _first_times(tmp_path / "out.mp4")
+    assert times["video"] == pytest.approx(10.0, abs=1e-3)
+    assert times["audio"] == pytest.approx(10.0, abs=1024 / 48000)  # AAC priming: at most one frame early
+    audio, _, _ = _decode_audio(tmp_path / "out.mp4")
+    assert abs(audio.shape[1] - 9600) <= 2048
+
+
+def test_mux_copies_b_frame_mkv_with_every_frame(tmp_path):
+    levels = [np.full((32, 48, 3), 20 + 25 * i, np.uint8) for i in range(8)]
+    codec = "libx264" if pick_video_encoder() == "h264" else "mpeg4"
+    options = {"bframes": "2"} if codec == "libx264" else {"max_b_frames": 2}
+    video = _encode(tmp_path / "b.mkv", levels, codec, **options)
+    with av.open(str(video)) as c:  # the MKV demuxer leaves the keyframe's DTS unset
+        packets = [p for p in c.demux(c.streams.video[0]) if p.size]
+        assert len(packets) == 8 and packets[0].is_keyframe
+        if codec == "libx264":
+            assert packets[0].dts is None
+    write_wav(tmp_path / "a.wav", np.zeros((2, 8 * 1600), np.float32))
+    name = "h264" if codec == "libx264" else "mpeg4"
+    assert mux(video, tmp_path / "a.wav", tmp_path / "out.mp4") == [f"video stream 0 ({name}): copied"]
+    decoded = [round((float(f.mean()) - 20) / 25) for f in read_frames(tmp_path / "out.mp4")]
+    assert decoded == list(range(8))
+
+
+def test_mux_copies_every_video_stream(tmp_path):
+    video = tmp_path / "two.mkv"
+    with av.open(str(video), "w") as out:
+        streams = [out.add_stream("mpeg4", rate=30), out.add_stream("libvpx", rate=30)]
+        for stream, (h, w) in zip(streams, [(32, 48), (16, 32)], strict=True):
+            stream.height, stream.width, stream.pix_fmt, stream.bit_rate = h, w, "yuv420p", 2_000_000
+        for i in range(6):
+            for stream in streams:
+                frame = av.VideoFrame.from_ndarray(
+                    np.full((stream.height, stream.width, 3), 40 * i, np.uint8), format="rgb24"
+                )
+                frame.pts, frame.time_base = i, Fraction(1, 30)
+                out.mux(stream.encode(frame))
+        for stream in streams:
+            out.mux(stream.encode(None))
+    write_wav(tmp_path / "a.wav", np.zeros((2, 6 * 1600), np.float32))
+    lines = mux(video, tmp_path / "a.wav", tmp_path / "out.mp4")
+    assert [line.split(":")[1].split()[0] for line in lines] == ["copied", "re-encoded"]
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        kinds = [(s.type, s.width if s.type == "video" else None) for s in c.streams]
+        assert kinds == [("video", 48), ("video", 32), ("audio", None)]
+        counts = [sum(1 for _ in c.decode(s)) for s in c.streams.video[:1]]
+    assert counts == [6]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # the temporary file was renamed into place
+
+
+def test_mux_failure_leaves_no_partial_file(tmp_path, demo_mp4):
+    write_wav(tmp_path / "a.wav", np.zeros((2, 1600), np.float32))
+    (tmp_path / "out.mp4").write_bytes(b"previous")
+    with pytest.raises(ValueError):
+        mux(tmp_path / "a.wav", tmp_path / "a.wav", tmp_path / "out.mp4")  # not a video
+    assert (tmp_path / "out.mp4").read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "out.mp4"]
+
+
+def _riff_sizes(path) -> tuple[bytes, int, int, int]:
+    """(magic, RIFF size, data chunk size, data offset) read from the chunk headers, as a strict reader does."""
+    data = path.read_bytes()
+    magic, riff_size = data[:4], struct.unpack("<I", data[4:8])[0]
+    at = 12
+    while data[at : at + 4] != b"data":
+        at += 8 + struct.unpack("<I", data[at + 4 : at + 8])[0]
+    return magic, riff_size, struct.unpack("<I", data[at + 4 : at + 8])[0], at + 8
+
+
+def test_wav_header_is_current_after_every_write(tmp_path):
+    path = tmp_path / "live.wav"
+    with WavWriter(path) as writer:
+        for n in range(1, 4):
+            writer.write(np.zeros((2, 1600), np.float32))
+            magic, riff_size, data_size, offset = _riff_sizes(path)
+            size = path.stat().st_size
+            assert (magic, riff_size, data_size) == (b"RIFF", size - 8, n * 1600 * 2 * 4)
+            assert offset + data_size == size
+
+
+def test_wav_survives_sigkill(tmp_path):
+    """A real SIGKILL while the file is open: the header already holds the sizes of everything written."""
+    path = tmp_path / "killed.wav"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        import numpy as np
+        from soundreactor.media import WavWriter
+        writer = WavWriter({str(path)!r})
+        for i in range(5):
+            writer.write(np.full((2, 1600), i / 10, np.float32))
+        print("written", flush=True)
+        time.sleep(60)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "written"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    magic, riff_size, data_size, _ = _riff_sizes(path)
+    assert (magic, riff_size, data_size) == (b"RIFF", path.stat().st_size - 8, 5 * 1600 * 2 * 4)
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    assert rate == 48000
+    np.testing.assert_array_equal(audio[:, 0], np.repeat(np.arange(5, dtype=np.float32) / 10, 1600))
+
+
+def test_wav_past_4_gib_switches_to_rf64_and_says_so(tmp_path):
+    """libsndfile rewrites the header as RF64 once the file is longer than WAV's 32-bit sizes allow. The file is
+    made that long sparsely (a hole, no data on disk) instead of writing 4 GiB."""
+    path = tmp_path / "long.wav"
+    notes = []
+    with WavWriter(path, on_switch=notes.append) as writer:
+        writer.write(np.zeros((2, 1600), np.float32))
+        assert writer.container == "WAV" and not notes
+        os.truncate(path, WAV_SIZE_LIMIT + 1)
+        writer.write(np.zeros((2, 1600), np.float32))
+        assert writer.container == "RF64"
+        writer.write(np.zeros((2, 1600), np.float32))
+    assert len(notes) == 1 and "continues as RF64" in notes[0] and str(path) in notes[0]
+    with open(path, "rb") as f:
+        head = f.read(12)
+    assert head[:4] == b"RF64" and head[8:12] == b"WAVE"
+    info = sf.info(str(path))  # the whole length, which a 32-bit WAV header cannot state
+    assert info.format == "RF64" and info.frames * 8 > 2**32 - 1024

@@ -1,5 +1,8 @@
 """Streaming sessions against the cache-free offline reference, and the session's behaviour on bad input."""
 
+import threading
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +108,26 @@ def test_slots_are_independent(model, frames):
             np.testing.assert_allclose(audio[1], solo[1].step(frames[(i + 5) % FRAMES]), atol=1e-5)
         else:
             assert not audio[1].any()
+
+
+def test_two_threads_stepping_one_session_are_serialized(model, frames):
+    """Session holds a lock: 2 threads x 20 steps give exactly the 40 outputs of one thread stepping 40 times
+    (same frame each step, so only the order of the calls, not their frames, decides each output)."""
+    model.configure_sampling(nfe=1)
+    sequential = Session(TorchStreams(model, seed=4))
+    expected = [sequential.step(frames[0]).tobytes() for _ in range(40)]
+    shared = Session(TorchStreams(model, seed=4))
+    outputs: list[list[bytes]] = [[], []]
+    start = threading.Barrier(2)
+
+    def worker(out: list[bytes]) -> None:
+        start.wait()
+        out.extend(shared.step(frames[0]).tobytes() for _ in range(20))
+
+    threads = [threading.Thread(target=worker, args=(out,)) for out in outputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Counter(outputs[0] + outputs[1]) == Counter(expected)
+    assert len(set(expected)) == 40  # every step's audio differs, so a lost or repeated update would show

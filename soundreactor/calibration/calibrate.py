@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from soundreactor.calibration.chain import FrameSource, GraphChain
+from soundreactor.calibration.options import DEFAULT_COMPONENTS
 from soundreactor.calibration.quantize import (
     FLOAT_MODULES,
     QUANTIZED_OPS,
@@ -33,7 +34,6 @@ RECORD_NAME = "quantization.json"
 # The VAE decoder stays in the export's precision unless asked for: its waveform is where quantization noise is
 # heard. Measured: fp8 there fails the log-mel bar on the tiny preset (2.7 dB), int8 on the (random-weight)
 # paper preset passes it only just (0.98 dB); see perf/results/calibration_paper.md.
-DEFAULT_COMPONENTS = ("vision", "ar_audio", "ar_vision", "sampler")
 
 
 def check_components(components: Sequence[str]) -> tuple[str, ...]:

@@ -40,8 +40,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from soundreactor.calibration.calibrate import DEFAULT_COMPONENTS
-    from soundreactor.calibration.quantize import SCHEMES
+    # Names only: the modules that implement them import onnx, which `run --backend onnxruntime` must not need.
+    from soundreactor.calibration.options import DEFAULT_COMPONENTS, SCHEME_NAMES
 
     calibrate = subparsers.add_parser(
         "calibrate", help="write INT8 or FP8 (Q/DQ) graphs of an fp32 export, with an accuracy report"
@@ -63,7 +63,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     calibrate.add_argument(
         "--scheme",
-        choices=sorted(SCHEMES),
+        choices=SCHEME_NAMES,
         default="int8",
         help="int8: symmetric, max-calibrated; fp8: E4M3, std-calibrated (default int8)",
     )

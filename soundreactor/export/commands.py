@@ -25,17 +25,25 @@ def frame_size(text: str) -> tuple[int, int]:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from soundreactor.export.exporter import export_model
+    from soundreactor.export.exporter import check_replaceable, export_model
     from soundreactor.export.manifest import file_sha256
     from soundreactor.model.soundreactor import SoundReactor
+    from soundreactor.outputs import check_outputs
 
+    out = Path(args.out)
+    check_outputs([("--out", out)], [("--checkpoint", args.checkpoint)], directories=True)
+    check_replaceable(out)
     model = SoundReactor.load(args.checkpoint, input_hw=args.frame_size)
     model.configure_sampling(nfe=args.nfe, guidance=args.guidance)
     start = time.perf_counter()
     manifest = export_model(
-        model, args.out, args.slots, args.precision, checkpoint_sha256=file_sha256(args.checkpoint)
+        model,
+        out,
+        args.slots,
+        args.precision,
+        checkpoint_sha256=file_sha256(args.checkpoint),
+        on_replace=lambda d: print(f"replaced the export that was in {d}"),
     )
-    out = Path(args.out)
     for name in manifest.files:
         print(f"wrote {out / name} ({(out / name).stat().st_size / 2**20:.1f} MiB)")
     h, w = manifest.frame_hw
@@ -57,7 +65,9 @@ def cmd_check(args: argparse.Namespace) -> None:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser("export", help="export the per-frame ONNX graphs and their manifest")
     export.add_argument("--checkpoint", required=True, help="a checkpoint made by `soundreactor init`")
-    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument(
+        "--out", required=True, help="output directory (an existing export there is replaced when done)"
+    )
     export.add_argument(
         "--nfe", type=int, choices=(1, 2, 4), help="sampler steps (default: the checkpoint's)"
     )

@@ -1,17 +1,24 @@
 """Export a SoundReactor model to the per-frame ONNX graphs plus `manifest.json` (torch.onnx dynamo exporter).
 
 Weights go to external data files (4 KiB aligned, so ONNX Runtime and TensorRT can map them); ar_audio and
-ar_vision share one `transformer.weights`, so the largest component is stored once.
+ar_vision share one `transformer.weights`, so the largest component is stored once. An export is written into a
+temporary folder beside its destination and moved into place when complete, so a folder never holds a mix of two
+exports, even when two run at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import logging
+import os
+import shutil
+import tempfile
+import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -20,7 +27,7 @@ import torch
 from onnx import external_data_helper
 
 from soundreactor.export.graphs import example_inputs, frame_graphs
-from soundreactor.export.manifest import FRAME_ORDER, GraphSpec, Manifest, file_sha256
+from soundreactor.export.manifest import FRAME_ORDER, MANIFEST_NAME, GraphSpec, Manifest, file_sha256
 from soundreactor.model import attention
 from soundreactor.model.soundreactor import SoundReactor
 from soundreactor.model.vae import SnakeBeta
@@ -157,18 +164,86 @@ def tool_versions() -> dict[str, str]:
     }
 
 
+def check_replaceable(directory: Path) -> None:
+    """Raise ValueError unless `directory` may be replaced by an export: absent, empty, or an export itself."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a folder: choose a folder for the export")
+    names = os.listdir(directory)  # one listing, so a folder replaced meanwhile is judged as one version
+    if names and MANIFEST_NAME not in names:
+        raise ValueError(
+            f"{directory} holds files but no {MANIFEST_NAME}, so it is not an export and is not replaced: "
+            "choose a new or empty folder"
+        )
+
+
+def publish(staging: Path, directory: Path) -> bool:
+    """Move the complete export in `staging` to `directory` (same parent), replacing an export there.
+
+    Each rename is atomic, so readers see the old export or the new one, never a mix. When another export is
+    published between our two renames, the loop moves that one aside too: the last publisher wins. Returns
+    whether an existing export was replaced.
+    """
+    replaced = False
+    for _ in range(100):
+        try:
+            os.rename(staging, directory)  # succeeds onto a missing or empty folder
+            return replaced
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+        try:
+            check_replaceable(directory)
+            os.rename(directory, old)
+        except FileNotFoundError:  # another publisher moved it first
+            continue
+        replaced = True
+        shutil.rmtree(old, ignore_errors=True)
+    raise RuntimeError(f"could not move the export into {directory}: other exports kept replacing it")
+
+
 def export_model(
     model: SoundReactor,
     directory: str | Path,
     slots: int = 1,
     precision: str = "fp32",
     checkpoint_sha256: str | None = None,
+    on_replace: Callable[[Path], None] | None = None,
 ) -> Manifest:
-    """Export every per-frame graph of `model` for `slots` streams at its input size, NFE and guidance."""
+    """Export every per-frame graph of `model` for `slots` streams at its input size, NFE and guidance.
+
+    The graphs are written to a temporary folder beside `directory` and moved into place when all are written
+    and checked (see `publish`); an existing export there is replaced and `on_replace(directory)` called. A
+    folder that is not an export (files but no manifest.json) is refused with ValueError before any work.
+    """
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    check_replaceable(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.partial-"))
+    try:
+        manifest = _export_into(model, staging, slots, precision, checkpoint_sha256)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; a published folder gets the usual mode
+        if publish(staging, directory) and on_replace is not None:
+            on_replace(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _export_into(
+    model: SoundReactor, directory: Path, slots: int, precision: str, checkpoint_sha256: str | None
+) -> Manifest:
     cast = cast_model(model.eval(), precision)
     graphs = frame_graphs(cast, slots)
     writer = GraphWriter(directory)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -93,12 +94,20 @@ class Streams(ABC):
 
 
 class Session:
-    """One stream over any backend: `step(frame [H, W, 3]) -> float32 [2, samples_per_frame]`."""
+    """One stream over any backend: `step(frame [H, W, 3]) -> float32 [2, samples_per_frame]`.
+
+    Thread-safe: `step` and `reset` hold a lock, so calls from several threads run one at a time, each on the
+    state the previous one left (a stream's frames are ordered, so this serializes, it does not parallelize).
+    Which thread's frame comes next is the order they take the lock; feed one stream from one thread to keep
+    frame order. The `Streams` backends themselves are not locked: drive one from a single thread (servers
+    batch many streams into one `Streams.step`).
+    """
 
     def __init__(self, streams: Streams) -> None:
         if streams.slots != 1:
             raise ValueError(f"Session drives one stream; got a backend with {streams.slots} slots")
         self.streams = streams
+        self._lock = threading.Lock()
 
     @property
     def frame_hw(self) -> tuple[int, int]:
@@ -113,7 +122,9 @@ class Session:
             raise FrameError(
                 f"expected one frame of shape (H, W, 3), got shape {getattr(frame, 'shape', None)}"
             )
-        return self.streams.step(frame[None])[0]
+        with self._lock:
+            return self.streams.step(frame[None])[0]
 
     def reset(self) -> None:
-        self.streams.reset()
+        with self._lock:
+            self.streams.reset()
