@@ -12,6 +12,7 @@ from soundreactor.config import PRESETS
 from soundreactor.engine.commands import add_commands as add_engine_commands
 from soundreactor.engine.tensorrt_env import TensorRTMissing
 from soundreactor.export.commands import add_commands as add_export_commands
+from soundreactor.serving.commands import add_commands as add_serving_commands
 
 BACKENDS = ("torch", "cuda-graph", "onnxruntime", "tensorrt")
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_commands(sub)
     add_engine_commands(sub)
     add_calibration_commands(sub)
+    add_serving_commands(sub)
     return parser
 
 
