@@ -180,9 +180,12 @@ class TritonServer:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(self.exit_timeout_s + 10)
+                process.wait(self.exit_timeout_s + 5)
         _kill_group(process.pid)
         process.wait()
+        deadline = time.monotonic() + 10  # killed stubs are reaped by init, not by us: give it a moment
+        while group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         for region in self.shm_regions():  # only after a kill; a clean exit leaves none
             region.unlink(missing_ok=True)
         if self._out:
