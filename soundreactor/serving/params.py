@@ -139,12 +139,16 @@ def _check_export(streams, params: ServingParams, nfe: int | None) -> None:
 def reseed(streams, slot: int, seed: int) -> None:
     """Give `slot` a new noise seed and restart it (the next `step` is its first frame).
 
-    Every backend keeps one `NoiseSource` per batch (torch backends in `state.noise`).
+    Every backend keeps one `NoiseSource` for its slots: the export backends as `noise`, the torch ones in
+    `state.noise`.
     """
     from soundreactor.noise import NoiseSource
 
-    noise = getattr(streams, "state", streams).noise
-    if not isinstance(noise, NoiseSource):
+    for owner in (streams, getattr(streams, "state", None)):
+        noise = getattr(owner, "noise", None)
+        if isinstance(noise, NoiseSource):
+            break
+    else:
         raise TypeError(f"{type(streams).__name__} keeps no NoiseSource where expected")
     noise.seeds[slot] = seed
     streams.reset(slot)

@@ -8,6 +8,7 @@ Layout (https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import soundreactor
@@ -55,8 +56,9 @@ def config_pbtxt(
         instances = ",\n".join(f"  {{ kind: KIND_GPU count: 1 gpus: [ {g} ] }}" for g in gpus)
     else:
         instances = "  { kind: KIND_CPU count: 1 }"
-    parameters = ",\n".join(
-        f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.to_config().items()
+    parameters = ",\n".join(  # json.dumps quotes and escapes as protobuf text format reads it
+        f'  {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}'
+        for k, v in params.to_config().items()
     )
     return f"""name: "{name}"
 backend: "python"
