@@ -73,7 +73,7 @@ class StreamClient:
         try:
             result, error = self._answers.get(timeout=self.timeout_s)
         except queue.Empty:
-            self.close()
+            self.close(cancel=True)
             raise StreamTimeout(
                 f"no audio for frame {self.frames_sent} of stream {self.sequence_id} within {self.timeout_s:g} s: "
                 "every slot of the server may be taken (new streams wait for a free one) or it is overloaded; "
@@ -88,11 +88,14 @@ class StreamClient:
             self.close()
         return result.as_numpy("AUDIO")[0]
 
-    def close(self) -> None:
-        """Stop the gRPC stream. Without an `end=True` frame the server keeps the slot until its idle timeout."""
+    def close(self, cancel: bool = False) -> None:
+        """Close the gRPC stream (cancelling what is in flight if `cancel`). Without an `end=True` frame the server
+        keeps the slot until its idle timeout."""
         if self._open:
             self._open = False
-            self._client.stop_stream(cancel_requests=True)
+            # A cancelled stream can leave the server holding the model: it then cannot unload, and a SIGTERM
+            # waits out the exit timeout (1 in 3-6 shutdowns, tritonserver 2.51). So only a timeout cancels.
+            self._client.stop_stream(cancel_requests=cancel)
             self._client.close()
 
     def __enter__(self) -> StreamClient:
