@@ -64,27 +64,36 @@ def cmd_triton_repo(args: argparse.Namespace) -> None:
     print(f"serve it with: soundreactor serve --repo {args.out}")
 
 
+class _Stop(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # one stop at a time: the next signal must not cut it short
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stop
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from soundreactor.serving.server import ServerError, TritonServer
 
     server = TritonServer(args.repo, args.host, args.http_port, args.grpc_port, args.metrics_port)
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda number, frame: stop.append(number))
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also while starting: tritonserver never outlives us
+        signal.signal(sig, _stop)
     try:
         server.start(timeout_s=args.start_timeout_s)
         print(
             f"serving {args.repo}: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}"
         )
         print("stop with Ctrl-C (or SIGTERM)", flush=True)
-        while not stop and server.process is not None and server.process.poll() is None:
-            time.sleep(0.2)
+        code = server.process.wait()
+        raise SystemExit(f"error: tritonserver exited on its own with code {code}")
+    except _Stop:
+        pass
     except ServerError as err:
         raise SystemExit(f"error: {err}") from None
     finally:
         code = server.stop()
-    if not stop:
-        raise SystemExit(f"error: tritonserver exited on its own with code {code}")
     print(f"tritonserver stopped (exit code {code})")
 
 

@@ -166,11 +166,6 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
-    def wait(self) -> int:
-        """Block until the server exits on its own; its exit code."""
-        assert self.process is not None
-        return self.process.wait()
-
     def stop(self) -> int | None:
         """SIGTERM (Triton finishes in-flight requests, unloads models, frees shared memory), then SIGKILL of
         the whole process group if it takes longer than the exit timeout. Idempotent. Returns the exit code."""
