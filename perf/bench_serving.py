@@ -117,6 +117,7 @@ def perf_analyzer(binary: Path, server: TritonServer, streams: int, hw: tuple[in
     args = [str(binary), "-m", "soundreactor", "-u", server.grpc_url, "-i", "grpc", "--streaming",
             "--sequence-length", "30", "--sequence-id-range", "5000:6000", "--concurrency-range", str(streams),
             "--shape", f"FRAME:{hw[0]},{hw[1]},3", "--measurement-interval", "4000", "--percentile", "99",
+            "--stability-percentage", "100", "--max-trials", "4",
             "-f", str(report)]  # fmt: skip
     run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
     if run.returncode != 0:
@@ -203,7 +204,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="timed audio per stream and point")
     parser.add_argument("--backend", default="torch", choices=("torch", "cuda-graph"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (served: one instance on GPU 0)")
-    parser.add_argument("--queue-delay-us", type=int, default=0)
+    # the clients send on one clock, so waiting for every slot's frame makes one step per tick, as in process
+    parser.add_argument("--queue-delay-us", type=int, default=10000)
     parser.add_argument("--perf-analyzer", type=Path, help="perf_analyzer binary (tritonclient 2.51.0 venv)")
     parser.add_argument("--note", default="", help="a line for the report, e.g. what else ran on the machine")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -43,6 +43,7 @@ def test_checkpoint_repository_for_two_gpus(checkpoint, tmp_path, monkeypatch):
     batching = config.sequence_batching
     assert batching.max_sequence_idle_microseconds == 2_500_000
     assert batching.direct.max_queue_delay_microseconds == 500
+    assert batching.direct.minimum_slot_utilization == 1.0
     assert {c.name for c in batching.control_input} == {"START", "END", "READY"}
     assert [(g.kind, list(g.gpus), g.count) for g in config.instance_group] == [
         (1, [0], 1),

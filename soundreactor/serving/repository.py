@@ -45,7 +45,9 @@ def config_pbtxt(
 
     gpus: one instance per listed GPU, each with its own `params.slots` slots; None: one CPU instance.
     idle_timeout_s: a stream that sends nothing for this long loses its slot (a dropped client's slot comes back).
-    queue_delay_us: how long the Direct strategy may hold a ready slot's request to batch it with other slots'.
+    queue_delay_us: how long the Direct strategy may hold a slot's frame while it waits for every other slot's
+        (minimum_slot_utilization 1.0): one step for streams whose frames arrive a little apart, instead of one
+        step each. 0: step as soon as any frame arrives.
     """
     h, w = params.frame_hw
     controls = "\n".join(
@@ -67,7 +69,7 @@ input [ {{ name: "FRAME" data_type: TYPE_UINT8 dims: [ {h}, {w}, 3 ] }} ]
 output [ {{ name: "AUDIO" data_type: TYPE_FP32 dims: [ {AUDIO_CHANNELS}, {SAMPLES_PER_FRAME} ] }} ]
 sequence_batching {{
   max_sequence_idle_microseconds: {round(idle_timeout_s * 1e6)}
-  direct {{ max_queue_delay_microseconds: {queue_delay_us} }}
+  direct {{ max_queue_delay_microseconds: {queue_delay_us} minimum_slot_utilization: {1.0 if queue_delay_us else 0.0} }}
   control_input [
 {controls}
   ]
