@@ -3,6 +3,7 @@ through Triton's own ModelConfig protobuf schema (shipped with tritonclient), an
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,19 @@ def test_bad_arguments_get_clear_errors(argv, message, checkpoint, tmp_path, mon
     assert main([str(checkpoint) if a == "CKPT" else a for a in argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_stream_without_a_server_says_so(tmp_path, capsys):
+    pytest.importorskip("tritonclient.grpc")
+    from soundreactor.demo_video import make_demo_video
+
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.1, size=(28, 42))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["stream", "--url", f"127.0.0.1:{port}", "--video", str(video), "--out", str(tmp_path / "a.wav")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--timeout-s", "5"])
+    assert exit_info.value.code == 2
+    assert "cannot read model 'soundreactor'" in capsys.readouterr().err
+    assert not (tmp_path / "a.wav").exists()

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from pathlib import Path
 
 BACKENDS = ("torch", "cuda-graph", "onnxruntime", "tensorrt")
+
+
+def _fail(message: str) -> SystemExit:
+    """The CLI's error convention (cli.main): the message on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(2)
 
 
 def _hw(text: str) -> tuple[int, int]:
@@ -87,11 +94,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         )
         print("stop with Ctrl-C (or SIGTERM)", flush=True)
         code = server.process.wait()
-        raise SystemExit(f"error: tritonserver exited on its own with code {code}")
+        raise _fail(f"tritonserver exited on its own with code {code}")
     except _Stop:
         pass
     except ServerError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise _fail(str(err)) from None
     finally:
         code = server.stop()
     print(f"tritonserver stopped (exit code {code})")
@@ -132,9 +139,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
                     out.write(audio)
                     frame = following
     except (StreamError, StreamTimeout) as err:
-        raise SystemExit(
-            f"error: {err}" + (f" ({len(times)} frames written to {args.out})" if times else "")
-        ) from None
+        written = f" ({len(times)} frames written to {args.out})" if times else ""
+        raise _fail(f"{err}{written}") from None
     print(f"wrote {args.out}")
     print(LatencyReport.from_times(times, args.fps).summary())
 
