@@ -136,6 +136,7 @@ def perf_analyzer(binary: Path, server: TritonServer, streams: int, hw: tuple[in
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -150,6 +151,8 @@ def plot(result: dict, path: Path) -> None:
             )
     ax.axhline(BUDGET_MS, color="gray", lw=1, ls=":", label="33.3 ms (30 fps)")
     ax.set(xlabel="concurrent streams", ylabel="per-frame latency (ms)", xticks=n, yscale="log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_title(f"{result['preset']} preset, {result['backend']} on {result['device_name']}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -173,19 +176,23 @@ def markdown(result: dict) -> str:
     else:
         pa_text = f"`perf_analyzer`: not run ({pa.get('error', 'no --perf-analyzer given')[-300:]})."
     m = result["machine"]
+    added = {q: np.median([p[f"added_{q}_ms"] for p in result["points"]]) for q in ("p50", "p99")}
     return f"""# Serving: tritonserver vs in process ({result["device_name"]})
 
 {result["preset"]} preset, {result["frame_hw"][0]}x{result["frame_hw"][1]} frames, NFE {result["nfe"]}, backend
-`{result["backend"]}`, {result["frames"]} frames per stream at 30 fps ({WARMUP_FRAMES} warm-up frames dropped), queue
-delay {result["queue_delay_us"]} us. Latency: from a frame's 30 fps tick to its audio, in ms. In process: one
-`Streams` with N slots stepped per tick. Served: tritonserver {result["server"]} on 127.0.0.1, N `StreamClient`s
-(gRPC bidirectional streams), one model instance with N slots. Machine: {m["cpu"]}, {m["cores"]} cores.
+`{result["backend"]}`, {result["frames"]} frames per stream at 30 fps ({WARMUP_FRAMES} warm-up frames dropped).
+Latency: from a frame's 30 fps tick to its audio, in ms. In process: one `Streams` with N slots stepped per tick.
+Served: tritonserver {result["server"]} on 127.0.0.1, one model instance with N slots, queue delay
+{result["queue_delay_us"]} us, and N `StreamClient`s (gRPC bidirectional streams) sending on the same ticks.
+Machine: {m["cpu"]}, {m["cores"]} cores.
+
 {result["note"]}
 
 | streams | in-process p50 | in-process p99 | served p50 | served p99 | added p50 | added p99 |
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
+Serving added {added["p50"]:+.1f} ms at p50 and {added["p99"]:+.1f} ms at p99 (medians over the stream counts).
 Largest stream count in real time (p99 under 33.3 ms): served {result["max_realtime_served"]}, in process
 {result["max_realtime_in_process"]}.
 
