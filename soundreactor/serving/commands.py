@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 BACKENDS = ("torch", "cuda-graph", "onnxruntime", "tensorrt")
+FPS = 30  # the model's frame rate: videos are resampled to it, and `stream` paces at it
 
 
 def _fail(message: str) -> SystemExit:
@@ -112,7 +113,7 @@ def cmd_stream(args: argparse.Namespace) -> None:
     from soundreactor.serving.client import StreamClient, StreamError, StreamTimeout
 
     info = probe_video(args.video)
-    period = 0.0 if args.no_pace else 1.0 / args.fps
+    period = 0.0 if args.no_pace else 1.0 / FPS
     times: list[float] = []
     try:
         with StreamClient(args.url, args.model, args.sequence_id, args.timeout_s) as stream:
@@ -123,8 +124,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
                     f"{info.height}x{info.width}: resize the video, or serve a repository made with "
                     f"`soundreactor triton-repo --frame-size {info.height}x{info.width}`"
                 )
-            frames = read_frames(args.video, fps=args.fps)
-            total = round(info.duration_s * args.fps)
+            frames = read_frames(args.video, fps=FPS)
+            total = round(info.duration_s * FPS)
             with WavWriter(args.out, sample_rate=SAMPLE_RATE) as out:
                 start = time.perf_counter()
                 frame = next(frames, None)
@@ -142,7 +143,7 @@ def cmd_stream(args: argparse.Namespace) -> None:
         written = f" ({len(times)} frames written to {args.out})" if times else ""
         raise _fail(f"{err}{written}") from None
     print(f"wrote {args.out}")
-    print(LatencyReport.from_times(times, args.fps).summary())
+    print(LatencyReport.from_times(times, FPS).summary())
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -197,7 +198,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     stream.add_argument("--out", required=True, help="output WAV (48 kHz stereo), written as audio arrives")
     stream.add_argument("--model", default="soundreactor")
     stream.add_argument("--sequence-id", type=int, help="the stream's correlation ID (default: random)")
-    stream.add_argument("--fps", type=int, default=30, help="frame rate to resample to and pace at")
     stream.add_argument(
         "--no-pace", action="store_true", help="send each frame as soon as the last is answered"
     )
