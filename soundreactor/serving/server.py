@@ -43,22 +43,41 @@ def find_tritonserver() -> tuple[Path, Path | None]:
     if spec is not None and spec.submodule_search_locations:
         wheel = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
         if (wheel / "bin" / "tritonserver").is_file():
+            _stub(wheel)  # fail here, not when a model loads
+            _libpython()
             return wheel / "bin" / "tritonserver", wheel
     raise ServerError(
         f"tritonserver is not on PATH and the nvidia-pytriton wheel is not installed: {INSTALL_HINT}"
     )
 
 
-def _wheel_backends(wheel: Path, into: Path) -> Path:
-    """A backend folder whose python/ holds the wheel's backend and the stub for this interpreter."""
+def _stub(wheel: Path) -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise ServerError(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
+    return stub
+
+
+def _libpython() -> Path:
+    """The shared libpython the stub embeds; Pythons built without --enable-shared have none."""
+    name = sysconfig.get_config_var("INSTSONAME") or ""
+    path = Path(sysconfig.get_config_var("LIBDIR") or "") / name
+    if ".so" not in name or not path.is_file():  # a static build names libpython3.X.a
+        raise ServerError(
+            f"this Python ({sys.executable}) has no shared libpython, which the wheel's Python backend stub "
+            "loads: use a Python built with --enable-shared (pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared), "
+            "or NVIDIA's Triton container"
+        )
+    return path
+
+
+def _wheel_backends(wheel: Path, into: Path) -> Path:
+    """A backend folder whose python/ holds the wheel's backend and the stub for this interpreter."""
     python = into / "python"
     python.mkdir(parents=True)
     backend = wheel / "backends" / "python"
-    for target in (backend / "libtriton_python.so", backend / "triton_python_backend_utils.py", stub):
+    for target in (backend / "libtriton_python.so", backend / "triton_python_backend_utils.py", _stub(wheel)):
         (python / target.name).symlink_to(target)
     return into
 
