@@ -10,7 +10,10 @@
 # 3. the decode-attention kernel against the torch paths it replaces (perf/bench_kernels.py, a short sweep that
 #    also records each method's error against the reference: the kernel's correctness check on a real GPU), and
 #    the Snake kernel against its torch path over one VAE frame (perf/bench_snake.py, errors recorded too);
-# 4. the GPU perf suite, perf/bench_gpu.py, in what is left of a 6-minute budget.
+# 4. serving: a few paced streams through tritonserver against the same backend in process (perf/bench_serving.py,
+#    cuda-graph backend, tiny preset); it skips when tritonserver or tritonclient is missing (put the
+#    nvidia_pytriton, tritonclient, grpcio, python_rapidjson and geventhttpclient wheels in $GPU_CHECK_WHEELS);
+# 5. the GPU perf suite, perf/bench_gpu.py, in what is left of a 6-minute budget.
 # Everything lands in perf/results/gpu/: gpu_check.log, bench_gpu_<device>.json / .md, the PNG plots and the two
 # kernel benchmarks; when the caller sets OUT to a folder (the device runner does), they go there as one archive,
 # gpu_results.tgz, with the log and markdown reports beside it.
@@ -36,7 +39,8 @@ for arg in "$@"; do
     *) echo "unknown argument $arg: use --quick and/or --dry-run" && exit 2 ;;
     esac
 done
-declare -A STATUS=([tests]=not-run [triton-tests]=not-run [kernels]=not-run [snake]=not-run [bench]=not-run)
+declare -A STATUS=([tests]=not-run [triton-tests]=not-run [kernels]=not-run [snake]=not-run [serving]=not-run
+    [bench]=not-run)
 
 section() { printf '\n=== %s (t = %d s)\n' "$1" "$SECONDS"; }
 verdict() { if [[ $1 -eq 0 ]]; then echo pass; elif [[ $1 -eq 124 ]]; then echo timeout; else echo "FAIL ($1)"; fi; }
@@ -56,6 +60,7 @@ if [[ -d "$WHEELS" ]]; then
         fi
     done
     export PYTHONPATH="$PYTHONPATH:$SITE" # after the repo; only modules that were missing are in it
+    chmod +x "$SITE"/pytriton/tritonserver/bin/* "$SITE"/pytriton/tritonserver/python_backend_stubs/*/* 2>/dev/null
 fi
 "$PYTHON" - <<'EOF'
 import importlib, platform
@@ -99,6 +104,11 @@ section "Snake activation kernel benchmark"
 timeout 40 "$PYTHON" perf/bench_snake.py --out "$RESULTS" "${DRY[@]}"
 STATUS[snake]=$(verdict $?)
 
+section "serving through tritonserver"
+timeout 75 "$PYTHON" perf/bench_serving.py --device cuda --backend cuda-graph --streams 1,8 --seconds 2 \
+    --out "$RESULTS" "${DRY[@]}"
+STATUS[serving]=$(verdict $?)
+
 section "GPU perf suite"
 remaining=$((BUDGET_S - SECONDS))
 if ((remaining < 150)); then # slow tests: a quick suite rather than none
@@ -115,7 +125,7 @@ if [[ "${STATUS[bench]}" == timeout ]]; then # cut short: markdown and plots fro
 fi
 
 section summary
-for step in tests triton-tests kernels snake bench; do
+for step in tests triton-tests kernels snake serving bench; do
     printf '%-13s %s\n' "$step" "${STATUS[$step]}"
 done
 ls -l "$RESULTS"

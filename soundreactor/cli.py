@@ -1,4 +1,5 @@
-"""Command line: `soundreactor init | run | demo | export | check | build | compare | calibrate | train-vae | train | evaluate`."""
+"""Command line: `soundreactor init | run | demo | export | check | build | compare | calibrate | train-vae | train |
+evaluate | triton-repo | serve | stream`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from soundreactor.engine.commands import add_commands as add_engine_commands
 from soundreactor.engine.tensorrt_env import TensorRTMissing
 from soundreactor.export.commands import add_commands as add_export_commands
 from soundreactor.outputs import check_outputs
+from soundreactor.serving.commands import add_commands as add_serving_commands
 from soundreactor.training.commands import add_commands as add_training_commands
 from soundreactor.training.evaluate import add_evaluate_command
 
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_commands(sub)
     add_training_commands(sub)
     add_evaluate_command(sub)
+    add_serving_commands(sub)
     return parser
 
 

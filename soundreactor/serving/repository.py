@@ -1,0 +1,105 @@
+"""A Triton model repository for one checkpoint or export: `config.pbtxt` (sequence batcher) and `1/model.py`.
+
+Layout (https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/user_guide/model_repository.html):
+
+    REPO/NAME/config.pbtxt    FRAME uint8 [H, W, 3] -> AUDIO float32 [2, 1600], max_batch_size = slots
+    REPO/NAME/1/model.py      imports soundreactor.serving.triton_model
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import soundreactor
+from soundreactor.serving.params import ServingParams
+
+AUDIO_CHANNELS = 2
+SAMPLES_PER_FRAME = 1600
+
+MODEL_PY = '''"""Written by `soundreactor triton-repo`: the model is soundreactor.serving.triton_model."""
+
+import os
+import sys
+
+# Where the soundreactor package that wrote this repository lives; used first if it exists on this machine
+# (Triton's Python stub does not read PYTHONPATH), else the installed package is used.
+PACKAGE_ROOT = {root!r}
+if os.path.isdir(PACKAGE_ROOT) and PACKAGE_ROOT not in sys.path:
+    sys.path.insert(0, PACKAGE_ROOT)
+
+from soundreactor.serving.triton_model import TritonPythonModel  # noqa: E402
+
+__all__ = ["TritonPythonModel"]
+'''
+
+
+def config_pbtxt(
+    name: str,
+    params: ServingParams,
+    gpus: list[int] | None = None,
+    idle_timeout_s: float = 5.0,
+    queue_delay_us: int = 0,
+) -> str:
+    """The model config in protobuf text format.
+
+    gpus: one instance per listed GPU, each with its own `params.slots` slots; None: one CPU instance.
+    idle_timeout_s: a stream that sends nothing for this long loses its slot (a dropped client's slot comes back).
+    queue_delay_us: how long the Direct strategy may hold a slot's frame while it waits for every other slot's
+        (minimum_slot_utilization 1.0): one step for streams whose frames arrive a little apart, instead of one
+        step each. 0: step as soon as any frame arrives.
+    """
+    h, w = params.frame_hw
+    controls = "\n".join(
+        f'    {{ name: "{n}" control [ {{ kind: CONTROL_SEQUENCE_{n} fp32_false_true: [ 0, 1 ] }} ] }},'
+        for n in ("START", "END", "READY")
+    ).rstrip(",")
+    if gpus:
+        instances = ",\n".join(f"  {{ kind: KIND_GPU count: 1 gpus: [ {g} ] }}" for g in gpus)
+    else:
+        instances = "  { kind: KIND_CPU count: 1 }"
+    parameters = ",\n".join(  # json.dumps quotes and escapes as protobuf text format reads it
+        f'  {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}'
+        for k, v in params.to_config().items()
+    )
+    return f"""name: "{name}"
+backend: "python"
+max_batch_size: {params.slots}
+input [ {{ name: "FRAME" data_type: TYPE_UINT8 dims: [ {h}, {w}, 3 ] }} ]
+output [ {{ name: "AUDIO" data_type: TYPE_FP32 dims: [ {AUDIO_CHANNELS}, {SAMPLES_PER_FRAME} ] }} ]
+sequence_batching {{
+  max_sequence_idle_microseconds: {round(idle_timeout_s * 1e6)}
+  direct {{ max_queue_delay_microseconds: {queue_delay_us} minimum_slot_utilization: {1.0 if queue_delay_us else 0.0} }}
+  control_input [
+{controls}
+  ]
+}}
+instance_group [
+{instances}
+]
+parameters [
+{parameters}
+]
+"""
+
+
+def write_repository(
+    repo: str | Path,
+    params: ServingParams,
+    name: str = "soundreactor",
+    gpus: list[int] | None = None,
+    idle_timeout_s: float = 5.0,
+    queue_delay_us: int = 0,
+) -> Path:
+    """Write REPO/NAME/{config.pbtxt, 1/model.py} and return the model folder. Paths in `params` must be
+    absolute (the server resolves them from its own working directory)."""
+    for label, path in (("checkpoint", params.checkpoint), ("engines", params.engines)):
+        if path and not Path(path).is_absolute():
+            raise ValueError(f"{label} path must be absolute in a model repository, got {path}")
+    model_dir = Path(repo) / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    config = config_pbtxt(name, params, gpus, idle_timeout_s, queue_delay_us)
+    (model_dir / "config.pbtxt").write_text(config)
+    root = str(Path(soundreactor.__file__).resolve().parents[1])
+    (model_dir / "1" / "model.py").write_text(MODEL_PY.format(root=root))
+    return model_dir

@@ -1,0 +1,106 @@
+"""`soundreactor triton-repo` and `serve` argument handling, without a server: the written config is read back
+through Triton's own ModelConfig protobuf schema (shipped with tritonclient), and bad arguments get clear errors."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from soundreactor.cli import main
+from soundreactor.serving.params import ServingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from soundreactor.model.soundreactor import init_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    init_model("tiny", seed=0, input_hw=(28, 42))[0].save(path)
+    return path
+
+
+def read_config(model_dir: Path):
+    text_format = pytest.importorskip("google.protobuf.text_format")
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_checkpoint_repository_for_two_gpus(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(checkpoint.parent)  # a relative checkpoint path is stored absolute
+    argv = ["triton-repo", "--checkpoint", checkpoint.name, "--out", str(tmp_path / "repo"), "--backend",
+            "cuda-graph", "--gpus", "0,1", "--slots", "4", "--frame-size", "28x42", "--nfe", "2", "--seed", "3",
+            "--seed-policy", "slot", "--idle-timeout-s", "2.5", "--queue-delay-us", "500"]  # fmt: skip
+    assert main(argv) == 0
+    model_dir = tmp_path / "repo" / "soundreactor"
+    config = read_config(model_dir)
+    assert config.backend == "python" and config.max_batch_size == 4
+    (frame,), (audio,) = config.input, config.output
+    assert (frame.name, list(frame.dims), frame.data_type) == ("FRAME", [28, 42, 3], 2)  # TYPE_UINT8
+    assert (audio.name, list(audio.dims), audio.data_type) == ("AUDIO", [2, 1600], 11)  # TYPE_FP32
+    batching = config.sequence_batching
+    assert batching.max_sequence_idle_microseconds == 2_500_000
+    assert batching.direct.max_queue_delay_microseconds == 500
+    assert batching.direct.minimum_slot_utilization == 1.0
+    assert {c.name for c in batching.control_input} == {"START", "END", "READY"}
+    assert [(g.kind, list(g.gpus), g.count) for g in config.instance_group] == [
+        (1, [0], 1),
+        (1, [1], 1),
+    ]  # GPU
+    params = ServingParams.from_config({k: v.string_value for k, v in config.parameters.items()})
+    assert params == ServingParams(backend="cuda-graph", slots=4, frame_hw=(28, 42), checkpoint=str(checkpoint),
+                                   nfe=2, seed=3, seed_policy="slot")  # fmt: skip
+    model_py = (model_dir / "1" / "model.py").read_text()
+    assert "from soundreactor.serving.triton_model import TritonPythonModel" in model_py
+    assert f"PACKAGE_ROOT = {str(ROOT)!r}" in model_py
+
+
+def test_cpu_repository_has_one_cpu_instance(checkpoint, tmp_path):
+    assert (
+        main(
+            ["triton-repo", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--frame-size", "28x42"]
+        )
+        == 0
+    )
+    config = read_config(tmp_path / "soundreactor")
+    assert [(g.kind, g.count) for g in config.instance_group] == [(2, 1)]  # KIND_CPU
+    assert config.parameters["backend"].string_value == "torch"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["triton-repo", "--out", "r"], "give --checkpoint FILE"),
+        (["triton-repo", "--checkpoint", "missing.safetensors", "--out", "r"], "checkpoint not found"),
+        (["triton-repo", "--checkpoint", "CKPT", "--out", "r", "--backend", "cuda-graph"], "pass --gpus"),
+        (
+            ["triton-repo", "--checkpoint", "CKPT", "--out", "r", "--backend", "onnxruntime"],
+            "needs --engines",
+        ),
+        (["serve", "--repo", "no/such/repo"], "model repository not found"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(argv, message, checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([str(checkpoint) if a == "CKPT" else a for a in argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_stream_without_a_server_says_so(tmp_path, capsys):
+    pytest.importorskip("tritonclient.grpc")
+    from soundreactor.demo_video import make_demo_video
+
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.1, size=(28, 42))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["stream", "--url", f"127.0.0.1:{port}", "--video", str(video), "--out", str(tmp_path / "a.wav")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--timeout-s", "5"])
+    assert exit_info.value.code == 2
+    assert "cannot read model 'soundreactor'" in capsys.readouterr().err
+    assert not (tmp_path / "a.wav").exists()
