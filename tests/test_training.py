@@ -300,3 +300,32 @@ def test_vae_run_reports_onsets_at_every_checkpoint(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [2]
     assert set(rows[0]) == {"step", "onset_f1", "onset_precision", "onset_recall", "envelope_corr"}
     assert 0.0 <= rows[0]["onset_f1"] <= 1.0
+
+
+def test_calibrated_vae_init_carries_the_audio_through_the_bottleneck() -> None:
+    """After calibrated_init the latents' std is the target and depends on the audio (the default init's
+    latents were a bias-made constant, 98% of their std), and the decoder's output has the audio's std."""
+    from soundreactor.training.synthetic import make_clip
+    from soundreactor.training.vae import LATENT_STD_AT_INIT, calibrated_init
+
+    audio = torch.from_numpy(make_clip(0, 12).audio)[None]
+    assert audio.std() > 0  # the scene has an impact
+    vae = AudioVAE(tiny_model().config.vae)
+    calibrated_init(vae, audio)
+    with torch.no_grad():
+        latents = vae.encode(audio)
+        of_silence = vae.encode(torch.zeros_like(audio))
+        decoded = vae.decode(torch.randn_like(latents) * LATENT_STD_AT_INIT)
+    # the bisection stops within 1.2 / 2^16 of the gain; at that gain the std moves by well under 10%
+    assert latents.std().item() == pytest.approx(LATENT_STD_AT_INIT, rel=0.1)
+    assert of_silence.abs().max().item() == 0.0  # no bias path: silence encodes to zero
+    assert decoded.std().item() == pytest.approx(audio.std().item(), rel=0.25)  # other draws than calibrated
+
+
+def test_calibrated_vae_init_rejects_silence() -> None:
+    from soundreactor.training.vae import calibrated_init
+
+    with pytest.raises(ValueError, match="not silent"):
+        calibrated_init(AudioVAE(tiny_model().config.vae), torch.zeros(1, 2, 3200))
+    with pytest.raises(ValueError, match="vae_init"):
+        TrainConfig("vae", vae_init="random")

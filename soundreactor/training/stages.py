@@ -24,10 +24,14 @@ from soundreactor.training.evaluate import evaluate_vae
 from soundreactor.training.loop import Task, atomic_write, step_generator
 from soundreactor.training.synthetic import SyntheticAV
 from soundreactor.training.train_config import TrainConfig
-from soundreactor.training.vae import VAETrainee, folded_state, warmup
+from soundreactor.training.vae import VAETrainee, calibrated_init, folded_state, warmup
 
 LATENT_SCALE_CLIPS = 32  # clips the latent standard deviation is measured on
 VAE_EVAL_SCENES, VAE_EVAL_FRAMES = 4, 60  # held-out scenes the VAE reconstructs at every checkpoint (8 s)
+VAE_INIT_CLIPS, VAE_INIT_FRAMES = (
+    4,
+    30,
+)  # training clips calibrated_init measures on (long enough to hold impacts)
 
 
 def clip_frames(cfg: TrainConfig, model: SoundReactor) -> int:
@@ -90,6 +94,10 @@ def freeze(*modules: nn.Module) -> None:
 def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
     frames = clip_frames(cfg, model)
     clips = dataset(cfg, model, frames)
+    if cfg.vae_init == "calibrated":
+        calibration = dataset(cfg, model, VAE_INIT_FRAMES)
+        audio = [calibration[i].audio for i in range(min(VAE_INIT_CLIPS, len(calibration)))]
+        calibrated_init(model.vae, torch.from_numpy(np.stack(audio)), cfg.seed)
     trainee = VAETrainee(model.vae, cfg)
     latent_dim = model.config.vae.latent_dim
 
