@@ -15,12 +15,12 @@ PRE_STEPS=${PRE_STEPS:-2000}
 ECT_STEPS=${ECT_STEPS:-1000}
 EVAL_SCENES=${EVAL_SCENES:-8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on a busy 2-core box two threads made steps 5x slower
-SR="python -m soundreactor"
+SR="${PYTHON:-python} -m soundreactor"  # PYTHON: the interpreter of the environment soundreactor is installed in
 
 # 1. VAE from a calibrated init (the default init collapses: see vae.calibrated_init) on 4-frame crops,
-#    as a plain autoencoder on this budget (the KL warm-up is longer than the run: no posterior noise, no KL).
+#    as a plain autoencoder on this budget (the KL warm-up outlasts 1200 steps: no posterior noise, no KL).
 $SR train-vae --preset small --out-dir "$RUN/vae" --vae-init calibrated --steps "$VAE_STEPS" \
-  --batch-size 4 --clip-frames 4 --lr 1e-3 --kl-weight 1e-6 --kl-warmup $((2 * VAE_STEPS)) \
+  --batch-size 4 --clip-frames 4 --lr 1e-3 --envelope-weight 4 --kl-weight 1e-6 --kl-warmup 2400 \
   --ema-decay 0.99 --checkpoint-every 150
 # 2. diffusion pretraining on 64-frame clips (the preset's 128-token window), latent_scale measured on the data
 $SR train --stage pretrain --init "$RUN/vae/model.safetensors" --out-dir "$RUN/pretrain" \
