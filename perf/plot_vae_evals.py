@@ -16,7 +16,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 PANELS = (("onset_f1", 0.85), ("onset_precision", None), ("onset_recall", None), ("envelope_corr", 0.8))
 
