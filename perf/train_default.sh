@@ -4,9 +4,9 @@
 #
 #   bash perf/train_default.sh [RUN_DIR]          # default runs/default; re-running resumes every stage
 #
-# Step counts are sized for one 2-core CPU (about 1.5 h in all, one thread per process) and can be raised
+# Step counts are sized for one 2-core CPU (35 min in all on a busy one, one thread per process) and can be raised
 # through the environment (VAE_STEPS, PRE_STEPS, ECT_STEPS); on a GPU every stage uses it (bf16 autocast) and
-# the same counts take minutes. Each stage's run directory keeps its log, loss plot and resumable state; the
+# the same counts should take minutes (not measured: no GPU was lent). Each stage's run directory keeps its log, loss plot and resumable state; the
 # VAE's also keeps eval.jsonl, its onset and envelope figures at every checkpoint (judge it by those).
 set -euo pipefail
 RUN=${1:-runs/default}
