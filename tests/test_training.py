@@ -329,3 +329,26 @@ def test_calibrated_vae_init_rejects_silence() -> None:
         calibrated_init(AudioVAE(tiny_model().config.vae), torch.zeros(1, 2, 3200))
     with pytest.raises(ValueError, match="vae_init"):
         TrainConfig("vae", vae_init="random")
+
+
+def test_features_held_in_memory_are_not_made_again() -> None:
+    """Once a clip's latents and grids are held, Features returns the same tensors without making the clip."""
+    from soundreactor.training.synthetic import SyntheticAV
+
+    class Counted(SyntheticAV):
+        made = 0
+
+        def __getitem__(self, i: int):
+            Counted.made += 1
+            return super().__getitem__(i)
+
+    model = tiny_model()
+    features = stages.Features(model, Counted(0, 4, 4))
+    first = features(torch.tensor([0, 2]))
+    made = Counted.made
+    again = features(torch.tensor([2, 0]))
+    assert Counted.made == made  # nothing made again
+    torch.testing.assert_close(again[0], first[0].flip(0), rtol=0, atol=0)
+    torch.testing.assert_close(again[1], first[1].flip(0), rtol=0, atol=0)
+    fresh = stages.Features(model, SyntheticAV(0, 4, 4))(torch.tensor([2]))  # recomputed from the clip
+    torch.testing.assert_close(fresh[1][0], first[1][1], rtol=0, atol=0)

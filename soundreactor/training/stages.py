@@ -29,10 +29,8 @@ from soundreactor.training.vae import VAETrainee, calibrated_init, folded_state,
 GRID_MEMORY_BYTES = 1 << 30  # Features keeps every clip's grids in memory when the whole set's fit in this
 LATENT_SCALE_CLIPS = 32  # clips the latent standard deviation is measured on
 VAE_EVAL_SCENES, VAE_EVAL_FRAMES = 4, 60  # held-out scenes the VAE reconstructs at every checkpoint (8 s)
-VAE_INIT_CLIPS, VAE_INIT_FRAMES = (
-    4,
-    30,
-)  # training clips calibrated_init measures on (long enough to hold impacts)
+# training clips calibrated_init measures on, long enough to hold impacts
+VAE_INIT_CLIPS, VAE_INIT_FRAMES = 4, 30
 
 
 def clip_frames(cfg: TrainConfig, model: SoundReactor) -> int:
