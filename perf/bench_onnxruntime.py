@@ -39,7 +39,7 @@ from soundreactor.model.soundreactor import SoundReactor, init_model  # noqa: E4
 from soundreactor.runtime.onnxruntime_backend import OrtStreams, default_options  # noqa: E402
 from soundreactor.runtime.torch_backend import TorchStreams  # noqa: E402
 
-FRAME_HW = {"tiny": (240, 426), "paper": (480, 854)}
+FRAME_HW = {"tiny": (240, 426), "small": (240, 426), "paper": (480, 854)}
 COMPONENTS = ("ar_audio", "vision", "ar_vision", "sampler", "vae_decoder")
 Timings = dict[str, list[float]]
 

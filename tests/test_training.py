@@ -300,3 +300,55 @@ def test_vae_run_reports_onsets_at_every_checkpoint(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [2]
     assert set(rows[0]) == {"step", "onset_f1", "onset_precision", "onset_recall", "envelope_corr"}
     assert 0.0 <= rows[0]["onset_f1"] <= 1.0
+
+
+def test_calibrated_vae_init_carries_the_audio_through_the_bottleneck() -> None:
+    """After calibrated_init the latents' std is the target and depends on the audio (the default init's
+    latents were a bias-made constant, 98% of their std), and the decoder's output has the audio's std."""
+    from soundreactor.training.synthetic import make_clip
+    from soundreactor.training.vae import LATENT_STD_AT_INIT, calibrated_init
+
+    audio = torch.from_numpy(make_clip(0, 12).audio)[None]
+    assert audio.std() > 0  # the scene has an impact
+    vae = AudioVAE(tiny_model().config.vae)
+    calibrated_init(vae, audio)
+    with torch.no_grad():
+        latents = vae.encode(audio)
+        of_silence = vae.encode(torch.zeros_like(audio))
+        decoded = vae.decode(torch.randn_like(latents) * LATENT_STD_AT_INIT)
+    # the bisection stops within 1.2 / 2^16 of the gain; at that gain the std moves by well under 10%
+    assert latents.std().item() == pytest.approx(LATENT_STD_AT_INIT, rel=0.1)
+    assert of_silence.abs().max().item() == 0.0  # no bias path: silence encodes to zero
+    assert decoded.std().item() == pytest.approx(audio.std().item(), rel=0.25)  # other draws than calibrated
+
+
+def test_calibrated_vae_init_rejects_silence() -> None:
+    from soundreactor.training.vae import calibrated_init
+
+    with pytest.raises(ValueError, match="not silent"):
+        calibrated_init(AudioVAE(tiny_model().config.vae), torch.zeros(1, 2, 3200))
+    with pytest.raises(ValueError, match="vae_init"):
+        TrainConfig("vae", vae_init="random")
+
+
+def test_features_held_in_memory_are_not_made_again() -> None:
+    """Once a clip's latents and grids are held, Features returns the same tensors without making the clip."""
+    from soundreactor.training.synthetic import SyntheticAV
+
+    class Counted(SyntheticAV):
+        made = 0
+
+        def __getitem__(self, i: int):
+            Counted.made += 1
+            return super().__getitem__(i)
+
+    model = tiny_model()
+    features = stages.Features(model, Counted(0, 4, 4))
+    first = features(torch.tensor([0, 2]))
+    made = Counted.made
+    again = features(torch.tensor([2, 0]))
+    assert Counted.made == made  # nothing made again
+    torch.testing.assert_close(again[0], first[0].flip(0), rtol=0, atol=0)
+    torch.testing.assert_close(again[1], first[1].flip(0), rtol=0, atol=0)
+    fresh = stages.Features(model, SyntheticAV(0, 4, 4))(torch.tensor([2]))  # recomputed from the clip
+    torch.testing.assert_close(fresh[1][0], first[1][1], rtol=0, atol=0)

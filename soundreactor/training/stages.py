@@ -24,10 +24,13 @@ from soundreactor.training.evaluate import evaluate_vae
 from soundreactor.training.loop import Task, atomic_write, step_generator
 from soundreactor.training.synthetic import SyntheticAV
 from soundreactor.training.train_config import TrainConfig
-from soundreactor.training.vae import VAETrainee, folded_state, warmup
+from soundreactor.training.vae import VAETrainee, calibrated_init, folded_state, warmup
 
+GRID_MEMORY_BYTES = 1 << 30  # Features keeps every clip's grids in memory when the whole set's fit in this
 LATENT_SCALE_CLIPS = 32  # clips the latent standard deviation is measured on
 VAE_EVAL_SCENES, VAE_EVAL_FRAMES = 4, 60  # held-out scenes the VAE reconstructs at every checkpoint (8 s)
+# training clips calibrated_init measures on, long enough to hold impacts
+VAE_INIT_CLIPS, VAE_INIT_FRAMES = 4, 30
 
 
 def clip_frames(cfg: TrainConfig, model: SoundReactor) -> int:
@@ -55,12 +58,19 @@ def _save(model: SoundReactor, config: ModelConfig, path: Path, extra: dict[str,
 
 class Features:
     """Frozen features of clip i: VAE latent means [N, C] (kept in memory) and DINOv2 grids [N, h, w, C'] (kept
-    on disk by a `data.GridCache` when `grid_cache` names a folder, else recomputed)."""
+    in memory too when the whole set's fit in GRID_MEMORY_BYTES, else on disk by a `data.GridCache` when
+    `grid_cache` names a folder, else recomputed). Once both are held, the clip is not made again: making a
+    64-frame synthetic clip cost about as much as the small preset's training step."""
 
     def __init__(self, model: SoundReactor, clips, grid_cache: str | Path | None = None) -> None:
         self.model, self.clips = model, clips
         self.cache = GridCache(grid_cache, model) if grid_cache else None
         self.latents: dict[int, Tensor] = {}
+        self.grids: dict[int, Tensor] | None = None
+        cfg = model.config
+        gh, gw = cfg.grid_hw
+        if len(clips) * clips.n_frames * gh * gw * cfg.dinov2.dim * 4 <= GRID_MEMORY_BYTES:
+            self.grids = {}
 
     @torch.no_grad()
     def latent(self, i: int, clip=None) -> Tensor:
@@ -70,14 +80,24 @@ class Features:
         return self.latents[i]
 
     @torch.no_grad()
+    def grid(self, i: int, clip) -> Tensor:
+        if self.grids is not None and i in self.grids:
+            return self.grids[i]
+        if self.cache is not None:
+            grids = self.cache.grids(clip_id(self.clips, i), clip.frames)
+        else:
+            grids = clip_grids(self.model, clip.frames)
+        if self.grids is not None:
+            self.grids[i] = grids
+        return grids
+
+    @torch.no_grad()
     def __call__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         latents, grids = [], []
         for i in indices.tolist():
-            clip = self.clips[i]
-            if self.cache is not None:
-                grids.append(self.cache.grids(clip_id(self.clips, i), clip.frames))
-            else:
-                grids.append(clip_grids(self.model, clip.frames))
+            held = i in self.latents and self.grids is not None and i in self.grids
+            clip = None if held else self.clips[i]
+            grids.append(self.grid(i, clip))
             latents.append(self.latent(i, clip))
         return torch.stack(latents), torch.stack(grids)
 
@@ -90,6 +110,10 @@ def freeze(*modules: nn.Module) -> None:
 def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
     frames = clip_frames(cfg, model)
     clips = dataset(cfg, model, frames)
+    if cfg.vae_init == "calibrated":
+        calibration = dataset(cfg, model, VAE_INIT_FRAMES)
+        audio = [calibration[i].audio for i in range(min(VAE_INIT_CLIPS, len(calibration)))]
+        calibrated_init(model.vae, torch.from_numpy(np.stack(audio)), cfg.seed)
     trainee = VAETrainee(model.vae, cfg)
     latent_dim = model.config.vae.latent_dim
 

@@ -43,6 +43,10 @@ class TrainConfig:
     kl_warmup: int = option(
         500, "VAE: steps of bottleneck warm-up: no KL and no posterior noise for the first half, then a ramp"
     )
+    vae_init: str = option(
+        "keep",
+        "VAE: 'keep' the starting weights, or 'calibrated': redraw them (vae.calibrated_init; from scratch)",
+    )
     # diffusion pretraining (Algorithm 1, EDM2 loss)
     p_mean: float = option(-0.4, "pretrain: mean of ln t")
     p_std: float = option(1.0, "pretrain: standard deviation of ln t")
@@ -65,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("steps, batch_size and checkpoint_every must be >= 1")
+        if self.vae_init not in ("keep", "calibrated"):
+            raise ValueError(f"vae_init must be 'keep' or 'calibrated', got {self.vae_init!r}")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
 
