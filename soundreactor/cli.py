@@ -48,6 +48,11 @@ def _session(args: argparse.Namespace):
 
     if not args.checkpoint:
         raise ValueError(f"--backend {args.backend} needs --checkpoint FILE (made by `soundreactor init`)")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {args.device}: this torch {torch.__version__} sees no CUDA device; run on a GPU machine with "
+            "a CUDA build of torch, or use --device cpu"
+        )
     info = probe_video(args.video)
     model = SoundReactor.load(args.checkpoint, input_hw=(info.height, info.width))
     model.configure_sampling(nfe=args.nfe, guidance=args.guidance)
@@ -112,6 +117,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from soundreactor.runtime.session import Session
     from soundreactor.runtime.torch_backend import TorchStreams
 
+    if not args.seconds > 0:
+        raise ValueError(f"--seconds must be positive, got {args.seconds:g}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

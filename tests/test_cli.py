@@ -11,6 +11,7 @@ import av
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from soundreactor.cli import main
 from soundreactor.demo_video import make_demo_video
@@ -276,3 +277,29 @@ def test_run_covers_a_video_whose_size_changes(tmp_path, tiny_checkpoint, capsys
     args = ["run", "--video", str(video), "--checkpoint", str(tiny_checkpoint), "--nfe", "1"]
     assert main([*args, "--out", str(wav)]) == 0
     assert soundfile.info(wav).frames == len(shown) * 1600  # one frame of audio per frame shown (30 fps)
+
+
+def test_demo_refuses_a_non_positive_length(tmp_path, capsys):
+    assert main(["demo", "--out-dir", str(tmp_path / "d"), "--seconds", "0"]) == 2
+    assert _one_error_line(capsys) == "error: --seconds must be positive, got 0"
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_error_line(tmp_path, capsys):
+    checkpoint = tmp_path / "tiny.safetensors"
+    assert main(["init", "--preset", "tiny", "--out", str(checkpoint)]) == 0
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.1, size=(64, 112), seed=3)
+    capsys.readouterr()
+    for backend in ("torch", "cuda-graph"):
+        argv = [
+            "run",
+            "--video",
+            str(video),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "x.wav"),
+        ]
+        assert main([*argv, "--backend", backend, "--device", "cuda"]) == 2
+        assert "sees no CUDA device" in _one_error_line(capsys)

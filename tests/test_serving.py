@@ -313,3 +313,17 @@ def test_a_server_that_will_not_stop_is_killed_with_its_stubs_and_shared_memory(
         stream.close()
     assert not group_alive(pid)
     assert not any(r.exists() for r in regions)
+
+
+def test_a_server_that_exits_while_starting_is_one_error_line(tmp_path, capsys):
+    """A folder that is not a model repository: tritonserver exits, and `serve` says so with its exit code."""
+    from soundreactor.cli import main
+
+    (tmp_path / "not_a_model").mkdir()
+    ports = [str(free_port()) for _ in range(3)]
+    argv = ["serve", "--repo", str(tmp_path), "--http-port", ports[0], "--grpc-port", ports[1]]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--metrics-port", ports[2], "--start-timeout-s", "60"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "tritonserver exited with code" in err and "Traceback" not in err

@@ -104,3 +104,30 @@ def test_stream_without_a_server_says_so(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "cannot read model 'soundreactor'" in capsys.readouterr().err
     assert not (tmp_path / "a.wav").exists()
+
+
+def test_stream_never_writes_over_its_input_or_into_a_missing_folder(tmp_path, capsys):
+    """Output paths are checked before any connection (no server needed), as `run` checks them."""
+    from soundreactor.demo_video import make_demo_video
+
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.1, size=(28, 42))
+    before = video.read_bytes()
+    base = ["stream", "--url", "127.0.0.1:1", "--video", str(video), "--timeout-s", "1"]
+    assert main([*base, "--out", str(video)]) == 2
+    assert "would destroy the input" in capsys.readouterr().err
+    assert video.read_bytes() == before
+    assert main([*base, "--out", str(tmp_path / "missing" / "a.wav")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_repository_folder_holding_other_things_is_refused(checkpoint, tmp_path, capsys):
+    repo = tmp_path / "runs"
+    repo.mkdir()
+    (repo / "notes.txt").write_text("not a model")
+    argv = ["triton-repo", "--checkpoint", str(checkpoint), "--out", str(repo), "--frame-size", "28x42"]
+    assert main(argv) == 2
+    assert "not Triton models (notes.txt)" in capsys.readouterr().err
+    assert not (repo / "soundreactor").exists()
+    (repo / "notes.txt").unlink()
+    assert main(argv) == 0  # an empty folder, and then a rewrite of its own model, are fine
+    assert main(argv) == 0

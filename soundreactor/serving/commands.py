@@ -66,10 +66,26 @@ def cmd_triton_repo(args: argparse.Namespace) -> None:
     gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
     if backend in ("cuda-graph", "tensorrt") and not gpus:
         raise ValueError(f"--backend {backend} runs on GPUs: pass --gpus, e.g. --gpus 0 or --gpus 0,1")
+    _check_repository_folder(Path(args.out), args.name)
     model_dir = write_repository(args.out, params, args.name, gpus, args.idle_timeout_s, args.queue_delay_us)
     where = f"one instance per GPU {gpus}" if gpus else "one CPU instance"
     print(f"wrote {model_dir}: {backend} backend, {params.slots} slots, {where}, frames {params.frame_hw}")
     print(f"serve it with: soundreactor serve --repo {args.out}")
+
+
+def _check_repository_folder(repo: Path, name: str) -> None:
+    """A model repository holds model folders only: Triton refuses to start on anything else in it."""
+    if repo.exists() and not repo.is_dir():
+        raise ValueError(f"--out {repo} is a file: give a folder for the model repository")
+    if not repo.is_dir():
+        return
+    others = sorted(p.name for p in repo.iterdir() if p.name != name and not (p / "config.pbtxt").is_file())
+    if others:
+        listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ValueError(
+            f"--out {repo} holds {len(others)} entries that are not Triton models ({listed}), which would stop "
+            "the server from starting: choose a new or empty folder"
+        )
 
 
 class _Stop(Exception):
@@ -109,9 +125,11 @@ def cmd_stream(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from soundreactor.media import SAMPLE_RATE, WavWriter, probe_video, read_frames
+    from soundreactor.outputs import check_outputs
     from soundreactor.pipeline import LatencyReport
     from soundreactor.serving.client import StreamClient, StreamError, StreamTimeout
 
+    check_outputs([("--out", args.out)], [("--video", args.video)])
     info = probe_video(args.video)
     period = 0.0 if args.no_pace else 1.0 / FPS
     times: list[float] = []

@@ -168,9 +168,8 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self.stop()
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting"
-                                  f"{self._log_tail()}")  # fmt: skip
+                code = self.stop()  # stop() forgets the process: keep its exit code for the message
+                raise ServerError(f"tritonserver exited with code {code} while starting{self._log_tail()}")
             if self.ready():
                 return
             time.sleep(0.2)
