@@ -315,17 +315,24 @@ def test_concurrent_exports_never_mix(tmp_path):
     barrier = threading.Barrier(2, timeout=30)
     replaced = []
 
+    errors = []
+
     def writer(tag: str) -> None:
-        for i in range(25):
-            staging = _staged_export(tmp_path, f"{tag}{i}")
-            barrier.wait()
-            replaced.append(publish(staging, target))
+        try:
+            for i in range(25):
+                staging = _staged_export(tmp_path, f"{tag}{i}")
+                barrier.wait()
+                replaced.append(publish(staging, target))
+        except Exception as err:  # a thread's exception would otherwise only be a warning
+            errors.append(err)
+            barrier.abort()
 
     threads = [threading.Thread(target=writer, args=(tag,)) for tag in "ab"]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not [e for e in errors if not isinstance(e, threading.BrokenBarrierError)], errors
     files = {p.name: p.read_text() for p in target.iterdir()}
     assert sorted(files) == ["manifest.json", "vision.onnx", "vision.weights"]
     assert len(set(files.values())) == 1

@@ -166,11 +166,13 @@ def tool_versions() -> dict[str, str]:
 
 def check_replaceable(directory: Path) -> None:
     """Raise ValueError unless `directory` may be replaced by an export: absent, empty, or an export itself."""
-    if not directory.exists():
+    # One system call decides: another export may move the folder away between two separate checks.
+    try:
+        names = os.listdir(directory)  # one listing, so a folder replaced meanwhile is judged as one version
+    except FileNotFoundError:
         return
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is a file, not a folder: choose a folder for the export")
-    names = os.listdir(directory)  # one listing, so a folder replaced meanwhile is judged as one version
+    except NotADirectoryError:
+        raise ValueError(f"{directory} is a file, not a folder: choose a folder for the export") from None
     if names and MANIFEST_NAME not in names:
         raise ValueError(
             f"{directory} holds files but no {MANIFEST_NAME}, so it is not an export and is not replaced: "
