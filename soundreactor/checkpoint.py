@@ -101,14 +101,36 @@ def check_state_dict(expected: dict[str, Tensor], given: dict[str, Tensor], what
     raise CheckpointError("\n".join(lines))
 
 
+STORAGE_KEY = (
+    "float32_stored_as"  # metadata: float32 tensors were written in this dtype (read back as float32)
+)
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def save_checkpoint(
-    path: str | Path, config: ModelConfig, state: dict[str, Tensor], extra: dict[str, str] | None = None
+    path: str | Path,
+    config: ModelConfig,
+    state: dict[str, Tensor],
+    extra: dict[str, str] | None = None,
+    float32_as: str | None = None,
 ) -> None:
-    """Write our format; `extra` adds string metadata (e.g. the training config), which loaders ignore."""
+    """Write our format; `extra` adds string metadata (e.g. the training config), which loaders ignore.
+
+    `float32_as` ("float16" or "bfloat16") stores every float32 tensor in that dtype, half the file: the loader
+    widens them back exactly, so the loaded model *is* the rounded one (evaluate that one, not the original).
+    Raises ValueError for another dtype name.
+    """
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={**(extra or {}), "format": FORMAT, "config": config.to_json()})
+    metadata = {**(extra or {}), "format": FORMAT, "config": config.to_json()}
+    if float32_as is not None:
+        if float32_as not in STORAGE_DTYPES:
+            raise ValueError(f"float32_as must be one of {sorted(STORAGE_DTYPES)}, got {float32_as!r}")
+        narrow = STORAGE_DTYPES[float32_as]
+        tensors = {k: v.to(narrow) if v.dtype == torch.float32 else v for k, v in tensors.items()}
+        metadata[STORAGE_KEY] = float32_as
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
@@ -133,4 +155,13 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
         config = ModelConfig.from_json(metadata["config"])
     except ValueError as err:
         raise CheckpointError(f"{path} stores an invalid model config: {err}") from None
+    stored_as = metadata.get(STORAGE_KEY)
+    if stored_as is not None:
+        if stored_as not in STORAGE_DTYPES:
+            raise CheckpointError(
+                f"{path} says its float32 tensors are stored as {stored_as!r}; this version reads "
+                f"{sorted(STORAGE_DTYPES)}: upgrade soundreactor or re-save the checkpoint"
+            )
+        narrow = STORAGE_DTYPES[stored_as]
+        tensors = {k: v.float() if v.dtype == narrow else v for k, v in tensors.items()}
     return config, tensors

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from soundreactor.checkpoint import CheckpointError, read_tensor_file
+from soundreactor.checkpoint import STORAGE_KEY, CheckpointError, read_tensor_file, save_checkpoint
 from soundreactor.cli import main
 from soundreactor.config import ModelConfig, paper, preset, tiny
 from soundreactor.model.dinov2 import DinoV2
@@ -43,6 +43,31 @@ def test_checkpoint_round_trip(tmp_path):
             model.vision(frame, grid, torch.tensor([False]))[0],
             loaded.vision(frame, grid, torch.tensor([False]))[0],
         )
+
+
+@pytest.mark.parametrize("narrow", ["float16", "bfloat16"])
+def test_float32_stored_narrow_loads_as_the_rounded_float32(tmp_path, narrow):
+    model, _ = init_model("tiny", seed=1)
+    path = tmp_path / "half.safetensors"
+    save_checkpoint(path, model.config, model.state_dict(), float32_as=narrow)
+    loaded = SoundReactor.load(path)
+    dtype = getattr(torch, narrow)
+    for key, value in model.state_dict().items():
+        want = value.to(dtype).float() if value.dtype == torch.float32 else value
+        assert loaded.state_dict()[key].dtype == value.dtype and torch.equal(
+            loaded.state_dict()[key], want
+        ), key
+    with pytest.raises(ValueError, match="float32_as must be one of"):
+        save_checkpoint(path, model.config, model.state_dict(), float32_as="int8")
+
+
+def test_unknown_storage_dtype_is_refused(tmp_path):
+    model, _ = init_model("tiny", seed=1)
+    path = tmp_path / "odd.safetensors"
+    metadata = {"format": "soundreactor/1", "config": model.config.to_json(), STORAGE_KEY: "float8"}
+    save_file(dict(model.state_dict()), str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"stored as 'float8'.*upgrade soundreactor"):
+        SoundReactor.load(path)
 
 
 def test_checkpoint_key_errors_name_every_problem(tmp_path):
