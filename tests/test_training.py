@@ -302,6 +302,22 @@ def test_vae_run_reports_onsets_at_every_checkpoint(tmp_path: Path) -> None:
     assert 0.0 <= rows[0]["onset_f1"] <= 1.0
 
 
+def test_best_checkpoint_is_the_one_with_the_highest_selected_figure(tmp_path: Path) -> None:
+    task = make_task("pretrain", steps=6)
+    scores = iter([0.3, 0.5, 0.4])  # checkpoints at steps 2, 4, 6
+    exported: dict[int, bytes] = {}
+    export = task.export
+
+    def keep(module, path, extra):
+        export(module, path, extra)
+        exported[int(extra["step"])] = Path(path).read_bytes()
+
+    task.export, task.evaluate, task.select = keep, lambda module: {"f1": next(scores)}, "f1"
+    loop.train(task, TrainConfig("pretrain", steps=6, **SMALL), tmp_path)
+    assert (tmp_path / loop.BEST).read_bytes() == exported[4]
+    assert (tmp_path / loop.MODEL).read_bytes() == exported[6]
+
+
 def test_calibrated_vae_init_carries_the_audio_through_the_bottleneck() -> None:
     """After calibrated_init the latents' std is the target and depends on the audio (the default init's
     latents were a bias-made constant, 98% of their std), and the decoder's output has the audio's std."""

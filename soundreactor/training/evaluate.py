@@ -22,6 +22,7 @@ SAMPLE_RATE = 48000
 FPS = 30
 TOLERANCE_S = 1 / FPS  # +-1 video frame
 EVAL_SEED = 999_983  # training draws SyntheticAV(seed, i) from small seeds: this stream is held out
+VALIDATION_SEED = 999_979  # scenes that choose among checkpoints (early stopping): held out, never reported
 FLOOR_DB = -100.0  # energies are floored here (1e-10) before taking logs, so silence is finite
 
 # Onset detector: band-wise log-energy flux (Klapuri 1999; the lagged maximum of SuperFlux, Boeck & Widmer 2013).

@@ -9,7 +9,8 @@ Files in the run directory (written by rank 0):
 - `state.pt`: resumable state (weights, EMA, optimizer, step, RNG states, both configs), temp file + rename;
 - `model.safetensors`: the EMA weights as a SoundReactor checkpoint (training config in its metadata);
 - `log.jsonl`: one JSON line of losses per step; `losses.png`: their curves;
-- `eval.jsonl`: the stage's quality figures at every checkpoint, where it has some (the VAE's onsets).
+- `eval.jsonl`: the stage's quality figures at every checkpoint, where it has some (the VAE's onsets);
+- `best.safetensors`: the exported model whose figure `Task.select` was highest so far, where the stage has one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -34,6 +36,7 @@ STATE = "state.pt"
 MODEL = "model.safetensors"
 LOG = "log.jsonl"
 EVAL = "eval.jsonl"
+BEST = "best.safetensors"
 PLOT = "losses.png"
 
 
@@ -45,12 +48,15 @@ class Task:
     batch(step, part): this rank's `part` (a slice of the global batch) of step `step`'s inputs.
     export(module, path): write the SoundReactor checkpoint made from `module`'s (EMA) weights.
     evaluate(module): optional figures of the (EMA) weights at every checkpoint, appended to `eval.jsonl`.
+    select: optional name of one of those figures (higher is better): the checkpoint with the highest so far is
+        also kept as `best.safetensors` (early stopping; evaluate must then score data held out from training).
     """
 
     module: nn.Module
     batch: Callable[[int, slice], dict[str, Tensor]]
     export: Callable[[nn.Module, Path, dict[str, str]], None]
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    select: str | None = None
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -107,6 +113,13 @@ def plot_log(log_path: Path, png_path: Path) -> None:
     fig.tight_layout()
     atomic_write(png_path, lambda p: fig.savefig(p, dpi=90, format="png"))
     plt.close(fig)
+
+
+def _best(eval_path: Path, key: str) -> float:
+    """The highest `key` logged so far in eval.jsonl (-inf before the first)."""
+    if not eval_path.exists():
+        return -math.inf
+    return max((json.loads(ln)[key] for ln in eval_path.read_text().splitlines() if ln), default=-math.inf)
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
@@ -193,6 +206,8 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
                 plot_log(out / LOG, out / PLOT)
                 if task.evaluate is not None:
                     figures = {"step": step + 1, **task.evaluate(ema.module)}
+                    if task.select is not None and figures[task.select] > _best(out / EVAL, task.select):
+                        atomic_write(out / BEST, lambda p: shutil.copyfile(out / MODEL, p))
                     with open(out / EVAL, "a") as f:
                         f.write(json.dumps(figures) + "\n")
                     bar.write(
