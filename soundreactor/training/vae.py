@@ -31,6 +31,10 @@ def _convs(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.Conv1d | nn.ConvTranspose1d)]
 
 
+def _tieable(conv: nn.Module) -> bool:
+    return isinstance(conv, nn.ConvTranspose1d) and conv.weight.shape[2] == 2 * conv.stride[0]
+
+
 def with_weight_norm(vae: AudioVAE) -> AudioVAE:
     """A copy of `vae` with every conv under weight norm (dim 0, as the official checkpoints' weight_g/_v)."""
     out = copy.deepcopy(vae)
@@ -62,12 +66,29 @@ def _fan_in(conv: nn.Module) -> float:
     return w.shape[1] * w.shape[2]
 
 
+def _draw(conv: nn.Module, std: float, gen: torch.Generator) -> Tensor:
+    """Normal weights of `conv` with this std; a transposed conv of kernel 2 x stride gets checkerboard-free taps.
+
+    Output sample n of such a conv sums taps n mod s and n mod s + s of the kernel, so random taps give each of the
+    s output phases its own gain: a stationary input comes out with its energy modulated at the input's rate. In
+    the decoder's first block (stride 8 at 30 Hz) that is a 5 dB pulse at every latent frame for a constant
+    latent. Drawing one tap per half and repeating it `stride` times makes every phase equal (0.03 dB): the conv
+    starts as a nearest-neighbour upsampling after a 2-tap conv, the 1-D case of ICNR init (Aitken et al. 2017,
+    "Checkerboard artifact free sub-pixel convolution"; Odena et al. 2016, "Deconvolution and checkerboard
+    artifacts"). Training unties the taps again (6-9 dB within 300 steps here); it starts from no pulse.
+    """
+    w = conv.weight
+    if _tieable(conv):
+        halves = torch.randn(w.shape[0], w.shape[1], 2, generator=gen) * std
+        return halves.repeat_interleave(conv.stride[0], dim=2)
+    return torch.randn(w.shape, generator=gen) * std
+
+
 @torch.no_grad()
 def _set_gain(part: nn.Module, gain: float, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for conv in _convs(part):
-        std = gain / _fan_in(conv) ** 0.5
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * std)
+        conv.weight.copy_(_draw(conv, gain / _fan_in(conv) ** 0.5, gen))
         if conv.bias is not None:
             conv.bias.zero_()
 
