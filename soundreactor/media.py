@@ -404,6 +404,9 @@ def mux(video_in: str | Path, audio_wav: str | Path, out_path: str | Path) -> li
             # Merge by time so the muxer interleaves without buffering a whole stream in memory.
             for packet in heapq.merge(video_packets, audio_packets, key=_packet_time):
                 out.mux(packet)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)  # mkstemp made it private; the output gets a new file's usual mode
         os.replace(partial, out_path)
     except BaseException:
         Path(partial).unlink(missing_ok=True)

@@ -163,6 +163,9 @@ def test_mux_copies_video_and_trims_audio(tmp_path, demo_mp4):
     write_wav(tmp_path / "a.wav", np.stack([tone, tone]))  # 1.5 s for a 1 s video
     mux(demo_mp4, tmp_path / "a.wav", tmp_path / "out.mp4")
     assert _stream_kinds(tmp_path / "out.mp4") == [("video", pick_video_encoder()), ("audio", "aac")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out.mp4").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     audio, rate, channels = _decode_audio(tmp_path / "out.mp4")
     assert (rate, channels) == (48000, 2)
     assert abs(audio.shape[1] - 48000) <= 1024  # AAC pads to whole 1024-sample frames
