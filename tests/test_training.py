@@ -239,6 +239,10 @@ def test_cli_names_a_missing_start(tmp_path: Path, capsys) -> None:
 
     assert main(["train", "--stage", "ect", "--preset", "tiny", "--out-dir", str(tmp_path)]) == 2
     assert "--stage ect starts from a pretrained checkpoint: give --init" in capsys.readouterr().err
+    untrained = tmp_path / "untrained.safetensors"
+    tiny_model().save(untrained)
+    assert main(["train", "--stage", "ect", "--init", str(untrained), "--out-dir", str(tmp_path)]) == 2
+    assert f"{untrained} samples with 'consistency'" in capsys.readouterr().err
     assert main(["train-vae", "--out-dir", str(tmp_path)]) == 2
     assert "give --init CHECKPOINT" in capsys.readouterr().err
     assert (
@@ -300,6 +304,13 @@ def test_vae_run_reports_onsets_at_every_checkpoint(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [2]
     assert set(rows[0]) == {"step", "onset_f1", "onset_precision", "onset_recall", "envelope_corr"}
     assert 0.0 <= rows[0]["onset_f1"] <= 1.0
+
+
+def test_resume_with_other_options_names_them_but_not_steps(tmp_path: Path) -> None:
+    loop.train(make_task("pretrain", steps=2), TrainConfig("pretrain", steps=2, **SMALL), tmp_path)
+    changed = TrainConfig("pretrain", steps=4, **{**SMALL, "lr": 5e-4})
+    with pytest.raises(ValueError, match=r"\(lr differ\)"):
+        loop.train(make_task("pretrain", steps=4), changed, tmp_path)
 
 
 def test_best_checkpoint_is_the_one_with_the_highest_selected_figure(tmp_path: Path) -> None:

@@ -66,8 +66,16 @@ def _run(args: argparse.Namespace, stage: str) -> None:
         if stage == "vae":
             task = stages.vae_task(model, cfg)
         else:
-            if stage == "ect" and not args.init:
-                raise ValueError("--stage ect starts from a pretrained checkpoint: give --init")
+            if stage == "ect" and (not args.init or model.config.sampler.kind != "heun"):
+                raise ValueError(
+                    "--stage ect starts from a pretrained checkpoint: give --init with the model.safetensors "
+                    "that `train --stage pretrain` wrote (it samples with Heun; "
+                    + (
+                        f"{args.init} samples with {model.config.sampler.kind!r})"
+                        if args.init
+                        else "none given)"
+                    )
+                )
             task = stages.ar_task(model, cfg, device, args.grid_cache)
     path = train(task, cfg, args.out_dir, device)
     if torch.distributed.is_initialized():

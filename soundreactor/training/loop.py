@@ -152,7 +152,9 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
         saved = TrainConfig.from_json(state["train_config"])
         if dataclasses.replace(saved, steps=cfg.steps) != cfg:
             changed = [
-                f.name for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)
+                f.name
+                for f in dataclasses.fields(cfg)
+                if f.name != "steps" and getattr(saved, f.name) != getattr(cfg, f.name)
             ]
             raise ValueError(
                 f"{out / STATE} was written with other training options ({', '.join(changed)} differ); resume "
