@@ -268,6 +268,15 @@ def markdown(report: dict) -> str:
     ]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(fmt(r["score"][k], f) for k, _, f in COLUMNS) + " |")
+    f1 = {
+        n: results[REFERENCE if n == cfg["nfe"] else f"torch NFE {n}"]["score"]["onset_f1"] for n in (1, 2, 4)
+    }
+    lines += [
+        "",
+        f"NFE: onset F1 {f1[1]:.3f} / {f1[2]:.3f} / {f1[4]:.3f} at NFE 1 / 2 / 4; NFE 1 is {f1[1] - f1[4]:+.3f} from "
+        f"NFE 4 (issue 13's target: within 0.05). One onset is {1 / truth:.3f} of recall here: differences of a few "
+        "hundredths are sampling noise.",
+    ]
     lines += [
         "",
         f"## Distance from the fp32 torch reference (NFE {cfg['nfe']}, same noise)",
