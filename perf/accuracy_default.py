@@ -131,7 +131,8 @@ def frame_source(clip, description: str) -> FrameSource:
     digest = hashlib.sha256(b"".join(f.tobytes() for f in frames)).hexdigest()
     h, w = frames[0].shape[:2]
     return FrameSource(
-        frames, {"video": description, "frames": len(frames), "fps": 30, "frame_hw": [h, w], "sha256": digest}
+        frames,
+        {"video": description, "frames": len(frames), "fps": FPS, "frame_hw": [h, w], "sha256": digest},
     )
 
 
@@ -184,16 +185,16 @@ def measure(
         make = lambda s: OrtStreams(export, seed=s, checkpoint=checkpoint, options=single_thread())
         audios["onnxruntime fp32"] = stream(make, clips, seed, "onnxruntime")
         # (d) INT8 / FP8 Q/DQ copies, calibrated on a training scene, judged on held-out scene 0
-        calibration_clip = held_out_clips(1, calibration_frames, CALIBRATION_SEED, hw)[0]
-        calibration_source = frame_source(
-            calibration_clip, f"synthetic scene (seed {CALIBRATION_SEED}, item 0)"
-        )
-        judged_source = frame_source(clips[0], f"held-out synthetic scene 0 (seed {scene_seed})")
-        for scheme in schemes:
+        if schemes:
+            calibration_clip = held_out_clips(1, calibration_frames, CALIBRATION_SEED, hw)[0]
+            calibration_source = frame_source(
+                calibration_clip, f"synthetic scene (seed {CALIBRATION_SEED}, item 0)"
+            )
+            judged_source = frame_source(clips[0], f"held-out synthetic scene 0 (seed {scene_seed})")
+        for scheme in tqdm(schemes, desc="calibrate and report", leave=False):
             quantized = Path(tmp) / scheme
-            with tqdm(total=1, desc=f"calibrate {scheme}", leave=False):
-                calibrate(export, quantized, calibration_source, scheme_name=scheme, seed=seed)
-                verdict = calibration_report.evaluate(export, quantized, judged_source, seed)
+            calibrate(export, quantized, calibration_source, scheme_name=scheme, seed=seed)
+            verdict = calibration_report.evaluate(export, quantized, judged_source, seed)
             verdict.save(Path(out) / NAME, f"calibration_{scheme}")
             calibration[scheme] = verdict.to_dict()
             audios[f"onnxruntime {scheme} Q/DQ"] = chain_audio(quantized, clips, seed, scheme)
