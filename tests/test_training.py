@@ -342,11 +342,16 @@ def test_calibrated_vae_init_carries_the_audio_through_the_bottleneck() -> None:
     with torch.no_grad():
         latents = vae.encode(audio)
         of_silence = vae.encode(torch.zeros_like(audio))
-        decoded = vae.decode(torch.randn_like(latents) * LATENT_STD_AT_INIT)
+        gen = torch.Generator().manual_seed(123)  # other latent draws than the calibration's
+        decoded = [vae.decode(torch.randn(latents.shape, generator=gen) * LATENT_STD_AT_INIT) for _ in range(9)]
     # the bisection stops within 1.2 / 2^16 of the gain; at that gain the std moves by well under 10%
     assert latents.std().item() == pytest.approx(LATENT_STD_AT_INIT, rel=0.1)
     assert of_silence.abs().max().item() == 0.0  # no bias path: silence encodes to zero
-    assert decoded.std().item() == pytest.approx(audio.std().item(), rel=0.25)  # other draws than calibrated
+    # One draw's output std spreads by -25%..+60% around the audio's (measured, tiny and small presets): the
+    # checkerboard-free taps share one random weight over `stride` outputs, so fewer independent terms average.
+    # Typical draws, the median of nine, have the audio's std.
+    median = torch.tensor([d.std().item() for d in decoded]).median().item()
+    assert median == pytest.approx(audio.std().item(), rel=0.25)
 
 
 def test_calibrated_vae_init_rejects_silence() -> None:
