@@ -7,7 +7,7 @@ step reports its collisions, so the training set (soundreactor.training.syntheti
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +136,12 @@ def make_demo_video(
     path: str | Path, seconds: float = 4.0, fps: int = 30, size: tuple[int, int] = (480, 854), seed: int = 0
 ) -> Path:
     """Encode the demo scene as an MP4 (H.264, or MPEG-4 part 2 where FFmpeg lacks an H.264 encoder)."""
+    return write_video(path, demo_frames(round(seconds * fps), size, seed, fps), size, fps)
+
+
+def write_video(path: str | Path, frames: Iterable[np.ndarray], size: tuple[int, int], fps: int = 30) -> Path:
+    """Encode RGB uint8 frames [H, W, 3] (size is (H, W), even sides) as an MP4 (H.264, or MPEG-4 part 2 where
+    FFmpeg lacks an H.264 encoder). Raises ValueError for an odd side."""
     import av
 
     height, width = size
@@ -150,7 +156,7 @@ def make_demo_video(
             stream.options = {"crf": "18"}
         else:
             stream.bit_rate = 4_000_000
-        for i, rgb in enumerate(demo_frames(round(seconds * fps), size, seed, fps)):
+        for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts = i
             out.mux(stream.encode(frame))
