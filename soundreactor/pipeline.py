@@ -83,7 +83,7 @@ def video_to_wav(
                 times.append(time.perf_counter() - start)
                 out.write(audio)
         except KeyboardInterrupt:
-            seconds = out.frames_written / session.sample_rate
+            seconds = out.frames_on_disk() / session.sample_rate
             raise Interrupted(
                 f"interrupted: kept {seconds:.2f} s of audio in {wav} ({out.container}, complete up to there)"
             ) from None

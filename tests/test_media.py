@@ -146,6 +146,23 @@ def test_wav_writer_keeps_chunks_on_exception(tmp_path):
     np.testing.assert_array_equal(data.T, np.concatenate(list(chunks), axis=1))
 
 
+def test_wav_writer_counts_what_reached_the_file(tmp_path, monkeypatch):
+    """An interrupt between a chunk reaching the file and the writer counting it: the file's count is told."""
+    writer = WavWriter(tmp_path / "stream.wav")
+    writer.write(np.zeros((2, 1600), np.float32))
+    flush = writer._file.flush
+
+    def interrupted_flush():
+        flush()
+        monkeypatch.undo()  # once
+        raise KeyboardInterrupt  # where a SIGTERM's handler can land: written, not yet counted
+
+    monkeypatch.setattr(writer._file, "flush", interrupted_flush)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write(np.zeros((2, 1600), np.float32))
+    assert writer.frames_written == 1600 and writer.frames_on_disk() == 3200
+
+
 def _decode_audio(path) -> tuple[np.ndarray, int, int]:
     with av.open(str(path)) as c:
         stream = c.streams.audio[0]
