@@ -33,11 +33,11 @@ def load_default(input_hw: tuple[int, int] | None = None):
     return SoundReactor.load(CHECKPOINT, input_hw=input_hw)
 
 
-def evaluate_default(checkpoint: str | Path = CHECKPOINT) -> dict:
+def evaluate_default(checkpoint: str | Path = CHECKPOINT, nfes: tuple[int, ...] = REPORT_NFES) -> dict:
     """The report's figures of a checkpoint: `evaluate.score` of its streamed audio on REPORT_SCENES held-out
-    scenes x REPORT_FRAMES frames at each of REPORT_NFES, guidance as stored, sampler seed 0 + scene index.
+    scenes x REPORT_FRAMES frames at each of `nfes`, guidance as stored, sampler seed 0 + scene index.
 
-    Returns {"nfe4": score, "nfe1": score, "ground_truth": score, "config": {...}}.
+    Returns {"nfe4": score, "nfe1": score, "ground_truth": score, "config": {...}} (one "nfeN" per NFE).
     """
     from soundreactor.model.soundreactor import SoundReactor
     from soundreactor.training import evaluate
@@ -48,7 +48,7 @@ def evaluate_default(checkpoint: str | Path = CHECKPOINT) -> dict:
         "config": {"scenes": REPORT_SCENES, "frames": REPORT_FRAMES, "seed": evaluate.EVAL_SEED},
         "ground_truth": evaluate.score([c.audio for c in clips], clips),
     }
-    for nfe in REPORT_NFES:
+    for nfe in nfes:
         model.configure_sampling(nfe=nfe)
         audios = [evaluate.stream_audio(model, c.frames, seed=i) for i, c in enumerate(clips)]
         report[f"nfe{nfe}"] = evaluate.score(audios, clips)
