@@ -343,7 +343,9 @@ def test_calibrated_vae_init_carries_the_audio_through_the_bottleneck() -> None:
         latents = vae.encode(audio)
         of_silence = vae.encode(torch.zeros_like(audio))
         gen = torch.Generator().manual_seed(123)  # other latent draws than the calibration's
-        decoded = [vae.decode(torch.randn(latents.shape, generator=gen) * LATENT_STD_AT_INIT) for _ in range(9)]
+        decoded = [
+            vae.decode(torch.randn(latents.shape, generator=gen) * LATENT_STD_AT_INIT) for _ in range(9)
+        ]
     # the bisection stops within 1.2 / 2^16 of the gain; at that gain the std moves by well under 10%
     assert latents.std().item() == pytest.approx(LATENT_STD_AT_INIT, rel=0.1)
     assert of_silence.abs().max().item() == 0.0  # no bias path: silence encodes to zero
