@@ -101,9 +101,8 @@ def check_state_dict(expected: dict[str, Tensor], given: dict[str, Tensor], what
     raise CheckpointError("\n".join(lines))
 
 
-STORAGE_KEY = (
-    "float32_stored_as"  # metadata: float32 tensors were written in this dtype (read back as float32)
-)
+# metadata key: the file's float32 tensors were written in this dtype (and are read back as float32)
+STORAGE_KEY = "float32_stored_as"
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -21,14 +21,6 @@ def _fail(message: str) -> SystemExit:
     return SystemExit(2)
 
 
-def _hw(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 480x854, got {text!r}") from None
-    return h, w
-
-
 def cmd_triton_repo(args: argparse.Namespace) -> None:
     from soundreactor.serving.params import EXPORT_BACKENDS, ServingParams
     from soundreactor.serving.repository import write_repository
@@ -165,6 +157,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from soundreactor.export.commands import frame_size  # numpy only, as the CLI already loads
+
     repo = sub.add_parser(
         "triton-repo", help="write a Triton model repository (sequence batcher) for serving"
     )
@@ -179,7 +173,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     repo.add_argument("--name", default="soundreactor", help="model name clients ask for")
     repo.add_argument("--slots", type=int, default=8, help="streams per instance (exports fix their own)")
     repo.add_argument(
-        "--frame-size", type=_hw, default=(480, 854), help="HxW of the frames (exports fix theirs)"
+        "--frame-size", type=frame_size, default=(480, 854), help="HxW of the frames (exports fix theirs)"
     )
     repo.add_argument("--gpus", help="one instance per listed GPU, e.g. 0,1 (default: one CPU instance)")
     repo.add_argument("--nfe", type=int, choices=(1, 2, 4))

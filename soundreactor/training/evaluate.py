@@ -356,14 +356,6 @@ def run_evaluation(
     return report
 
 
-def _parse_hw(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 56x112, got {text!r}") from None
-    return h, w
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -393,6 +385,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def add_evaluate_command(sub) -> None:
     """Register `soundreactor evaluate` on an argparse subparsers object."""
+    from soundreactor.export.commands import frame_size  # numpy only, as the CLI already loads
+
     p = sub.add_parser(
         "evaluate",
         help="score a checkpoint on held-out synthetic scenes through the streaming runtime",
@@ -408,7 +402,7 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--scenes", type=int, default=8, help="held-out scenes (default 8)")
     p.add_argument("--frames", type=int, default=150, help="frames per scene at 30 fps (default 150)")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help=f"scene seed (default {EVAL_SEED}, held out)")
-    p.add_argument("--hw", type=_parse_hw, default=(56, 112), help="scene frame size HxW (default 56x112)")
+    p.add_argument("--hw", type=frame_size, default=(56, 112), help="scene frame size HxW (default 56x112)")
     p.add_argument("--nfe", type=int, default=None, help="sampler steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the checkpoint's)")
     p.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")

@@ -31,10 +31,6 @@ def _convs(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.Conv1d | nn.ConvTranspose1d)]
 
 
-def _tieable(conv: nn.Module) -> bool:
-    return isinstance(conv, nn.ConvTranspose1d) and conv.weight.shape[2] == 2 * conv.stride[0]
-
-
 def with_weight_norm(vae: AudioVAE) -> AudioVAE:
     """A copy of `vae` with every conv under weight norm (dim 0, as the official checkpoints' weight_g/_v)."""
     out = copy.deepcopy(vae)
@@ -78,7 +74,7 @@ def _draw(conv: nn.Module, std: float, gen: torch.Generator) -> Tensor:
     artifacts"). Training unties the taps again (6-9 dB within 300 steps here); it starts from no pulse.
     """
     w = conv.weight
-    if _tieable(conv):
+    if isinstance(conv, nn.ConvTranspose1d) and w.shape[2] == 2 * conv.stride[0]:
         halves = torch.randn(w.shape[0], w.shape[1], 2, generator=gen) * std
         return halves.repeat_interleave(conv.stride[0], dim=2)
     return torch.randn(w.shape, generator=gen) * std
