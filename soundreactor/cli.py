@@ -32,13 +32,13 @@ def _session(args: argparse.Namespace):
         if not args.engines:
             raise ValueError(f"--backend {args.backend} needs --engines DIR (made by `soundreactor export`)")
         if args.backend == "onnxruntime":
-            from soundreactor.export.commands import ort_session_from_dir
+            from soundreactor.runtime.onnxruntime_backend import ort_session_from_dir
 
             providers = args.providers.split(",")
             return ort_session_from_dir(
                 args.engines, args.seed, providers, args.checkpoint, args.nfe, args.guidance
             )
-        from soundreactor.engine.commands import trt_session_from_dir
+        from soundreactor.runtime.tensorrt_backend import trt_session_from_dir
 
         return trt_session_from_dir(args.engines, args.seed, args.checkpoint, args.nfe, args.guidance)
 

@@ -52,7 +52,7 @@ def test_graph_backend_cpu_path_equals_torch(model, scene):
 
 
 def test_onnxruntime_export_equals_torch(model, scene, tmp_path):
-    from soundreactor.export.commands import ort_session_from_dir
+    from soundreactor.runtime.onnxruntime_backend import ort_session_from_dir
 
     checkpoint = str(default_model.CHECKPOINT)
     assert main(["export", "--checkpoint", checkpoint, "--out", str(tmp_path), "--frame-size", "56x112"]) == 0

@@ -13,8 +13,7 @@ import torch
 from test_export import FRAME_HW, GUIDANCE, NFE, SLOTS, export_once, load_model
 
 from soundreactor.demo_video import demo_frames
-from soundreactor.export.commands import ort_session_from_dir
-from soundreactor.runtime.onnxruntime_backend import OrtStreams, default_options
+from soundreactor.runtime.onnxruntime_backend import OrtStreams, default_options, ort_session_from_dir
 from soundreactor.runtime.session import FrameError
 from soundreactor.runtime.torch_backend import TorchStreams
 

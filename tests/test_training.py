@@ -172,7 +172,7 @@ def test_checkpoints_carry_their_configs(trained) -> None:
 
 def test_trained_checkpoint_runs_in_torch_and_onnxruntime(trained, tmp_path: Path) -> None:
     from soundreactor.demo_video import demo_frames
-    from soundreactor.export.commands import ort_session_from_dir
+    from soundreactor.runtime.onnxruntime_backend import ort_session_from_dir
     from soundreactor.runtime.session import Session
     from soundreactor.runtime.torch_backend import TorchStreams
 

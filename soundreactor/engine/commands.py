@@ -1,4 +1,4 @@
-"""`soundreactor build` and `soundreactor compare`, and the TensorRT session the `run` command can use.
+"""`soundreactor build` and `soundreactor compare`.
 
 Engines live next to the graphs they were built from: `--engines DIR` is an export directory.
 """
@@ -8,9 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-
-from soundreactor.runtime.session import Session
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -86,18 +83,3 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     compare.add_argument("--rtol", type=float, help="relative tolerance (same defaults)")
     compare.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     compare.set_defaults(func=cmd_compare)
-
-
-def trt_session_from_dir(
-    engines_dir: str | Path,
-    seed: int = 0,
-    checkpoint: str | Path | None = None,
-    nfe: int | None = None,
-    guidance: float | None = None,
-) -> Session:
-    """One stream on the TensorRT backend, checked against the checkpoint and NFE the caller expects."""
-    from soundreactor.export.manifest import check_single_stream, load_manifest
-    from soundreactor.runtime.tensorrt_backend import TrtStreams
-
-    check_single_stream(load_manifest(engines_dir), engines_dir, nfe, rebuild=" and rebuild")
-    return Session(TrtStreams(engines_dir, seed=seed, checkpoint=checkpoint, guidance=guidance))

@@ -1,14 +1,11 @@
-"""`soundreactor export` and `soundreactor check`, and the ONNX Runtime session the `run` command can use."""
+"""`soundreactor export` and `soundreactor check`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-
-from soundreactor.runtime.session import Session
 
 
 def frame_size(text: str) -> tuple[int, int]:
@@ -85,22 +82,3 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     check = subparsers.add_parser("check", help="validate an export directory for TensorRT")
     check.add_argument("dir")
     check.set_defaults(func=cmd_check)
-
-
-def ort_session_from_dir(
-    engines_dir: str | Path,
-    seed: int = 0,
-    providers: Sequence[str] = ("cpu",),
-    checkpoint: str | Path | None = None,
-    nfe: int | None = None,
-    guidance: float | None = None,
-) -> Session:
-    """One stream on the ONNX Runtime backend, checked against the checkpoint and NFE the caller expects."""
-    from soundreactor.export.manifest import check_single_stream
-    from soundreactor.runtime.onnxruntime_backend import OrtStreams
-
-    streams = OrtStreams(
-        engines_dir, seed=seed, providers=providers, checkpoint=checkpoint, guidance=guidance
-    )
-    check_single_stream(streams.manifest, engines_dir, nfe)
-    return Session(streams)

@@ -26,12 +26,13 @@ from soundreactor.export.manifest import (
     ExportDirError,
     GraphSpec,
     check_checkpoint,
+    check_single_stream,
     io_mismatches,
     load_manifest,
     version_mismatch,
 )
 from soundreactor.noise import NoiseSource
-from soundreactor.runtime.session import Streams, check_active, check_frames
+from soundreactor.runtime.session import Session, Streams, check_active, check_frames
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {
@@ -215,3 +216,20 @@ class OrtStreams(Streams):
         for s in slots:
             self.frame_index[s] = 0
             self.noise.reset(s)
+
+
+def ort_session_from_dir(
+    engines_dir: str | Path,
+    seed: int = 0,
+    providers: Sequence[str] = ("cpu",),
+    checkpoint: str | Path | None = None,
+    nfe: int | None = None,
+    guidance: float | None = None,
+) -> Session:
+    """One stream on the ONNX Runtime backend, checked against the checkpoint and NFE the caller expects."""
+
+    streams = OrtStreams(
+        engines_dir, seed=seed, providers=providers, checkpoint=checkpoint, guidance=guidance
+    )
+    check_single_stream(streams.manifest, engines_dir, nfe)
+    return Session(streams)

@@ -36,9 +36,9 @@ from soundreactor.engine.tensorrt_env import (
     require_cudart,
     require_tensorrt,
 )
-from soundreactor.export.manifest import check_checkpoint, load_manifest
+from soundreactor.export.manifest import check_checkpoint, check_single_stream, load_manifest
 from soundreactor.noise import NoiseSource
-from soundreactor.runtime.session import Streams, check_active, check_frames
+from soundreactor.runtime.session import Session, Streams, check_active, check_frames
 
 HOST_INPUTS = {"frames", "frame_index", "active", "guidance", "noise"}  # what the host writes
 HOST_OUTPUTS = {"audio"}
@@ -261,3 +261,16 @@ class TrtStreams(Streams):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def trt_session_from_dir(
+    engines_dir: str | Path,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    nfe: int | None = None,
+    guidance: float | None = None,
+) -> Session:
+    """One stream on the TensorRT backend, checked against the checkpoint and NFE the caller expects."""
+
+    check_single_stream(load_manifest(engines_dir), engines_dir, nfe, rebuild=" and rebuild")
+    return Session(TrtStreams(engines_dir, seed=seed, checkpoint=checkpoint, guidance=guidance))
