@@ -7,6 +7,7 @@ Tests and benchmarks call `load_streams` too, so the in-process reference is the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,8 @@ EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 class ServingParams:
     """One model instance's backend and sampling settings.
 
-    seed_policy: "sequence" seeds a stream with seed + its correlation ID (the same audio wherever Triton places
-        it); "slot" keeps the backend's seed + slot index (the audio depends on the slot the stream landed in).
+    seed_policy: "sequence" seeds a stream from seed and its correlation ID (`sequence_seed`: the same audio
+        wherever Triton places it); "slot" keeps the backend's seed + slot index (the audio depends on the slot the stream landed in).
     threads: torch / ONNX Runtime intra-op threads per instance. 1 by default: on a few cores, more threads fight
         the server's own (a 4-slot tiny step took 50 ms with 1 thread and 0.3-2 s with 2 on 2 cores).
     """
@@ -152,3 +153,18 @@ def reseed(streams, slot: int, seed: int) -> None:
         raise TypeError(f"{type(streams).__name__} keeps no NoiseSource where expected")
     noise.seeds[slot] = seed
     streams.reset(slot)
+
+
+def sequence_seed(seed: int, correlation_id: int | str) -> int:
+    """The noise seed of a stream under the "sequence" policy: seed + correlation ID, modulo 2**64.
+
+    Triton correlation IDs are uint64 or strings (tritonclient sends either). A string counts as the first 8 bytes
+    of its BLAKE2b digest read little-endian, so it seeds the same stream on every server and run (Python's
+    `hash` is salted per process). The modulus keeps every seed a non-negative int, which numpy's generators need.
+    """
+    if isinstance(correlation_id, str):
+        digest = hashlib.blake2b(correlation_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        correlation_id = int.from_bytes(digest, "little")
+    elif not isinstance(correlation_id, int) or isinstance(correlation_id, bool):
+        raise TypeError(f"a correlation ID is an int or a str, got {type(correlation_id).__name__}")
+    return (seed + correlation_id) % 2**64

@@ -5,7 +5,8 @@ Imported by the `1/model.py` that `soundreactor triton-repo` writes; runs only i
 in `execute(requests)` is its batch slot, and empty lower slots carry placeholder requests with READY = 0. So one
 `execute` is one `Streams.step(frames, active)`: START -> `reset(slot)` before the step, READY = 0 -> inactive.
 Triton frees a sequence idle past `max_sequence_idle_microseconds` without telling the model; the next stream in
-that slot starts with START, so it is reset before its first frame.
+that slot starts with START, so it is reset before its first frame. Correlation IDs come as int (uint64) or str;
+both seed a stream (`sequence_seed`). A request that fails gets its own error response; the other slots step.
 
 Tensors cross into and out of the stub through DLPack (torch): the 2.51 stub's numpy path (`as_numpy`,
 `Tensor(name, array)`) was built against numpy 1 and reads wrong sizes and values under numpy 2.
@@ -22,7 +23,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
-from soundreactor.serving.params import ServingParams, load_streams, reseed
+from soundreactor.serving.params import ServingParams, load_streams, reseed, sequence_seed
 
 GAUGE_REFRESH_S = 1.0
 
@@ -37,6 +38,7 @@ class TritonPythonModel:
         batching = config["sequence_batching"]
         self.idle_s = int(batching["max_sequence_idle_microseconds"]) / 1e6
         self.last_seen = np.full(self.streams.slots, -np.inf)  # per slot: monotonic time of its last request
+        self.refused = [""] * self.streams.slots  # per slot: why its stream was refused at START ("" if not)
         self.family = family = pb_utils.MetricFamily(  # must outlive its metric
             name="soundreactor_active_streams",
             description="streams holding a batch slot of this model instance (seen within the idle timeout)",
@@ -50,35 +52,58 @@ class TritonPythonModel:
         self.refresher.start()
 
     def execute(self, requests: list) -> list:
+        """One step of every slot holding a frame. A request that cannot be read fails alone: its response carries
+        the error, every other slot steps as if it were not there."""
         slots = self.streams.slots
         frames = np.zeros((slots, *self.streams.frame_hw, 3), dtype=np.uint8)
         active = np.zeros(slots, dtype=bool)
+        errors: dict[int, str] = {}
+        now = time.monotonic()
         for slot, request in enumerate(requests):
-            if not _control(request, "READY"):
-                continue  # a placeholder for an empty slot
-            if _control(request, "START"):
-                if self.params.seed_policy == "sequence":
-                    reseed(self.streams, slot, self.params.seed + request.correlation_id())
-                else:
-                    self.streams.reset(slot)
-            frames[slot] = _input(request, "FRAME")[0]
-            active[slot] = True
+            try:
+                if not _control(request, "READY"):
+                    continue  # a placeholder for an empty slot
+                self.last_seen[slot] = -np.inf if _control(request, "END") else now
+                if _control(request, "START"):
+                    self._start(slot, request)
+                elif self.refused[slot]:
+                    errors[slot] = self.refused[slot]
+                    continue
+                frames[slot] = _input(request, "FRAME")[0]
+                active[slot] = True
+            except Exception as err:
+                errors[slot] = f"stream {_correlation_id(request)} (slot {slot}): {type(err).__name__}: {err}"
         try:
             audio = self.streams.step(frames, active)
         except Exception as err:  # the backend left every slot as it was; each stream hears why
             error = pb_utils.TritonError(f"{type(err).__name__}: {err}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        now = time.monotonic()
         responses = []
-        for slot, request in enumerate(requests):
-            if not active[slot]:
+        for slot in range(len(requests)):
+            if slot in errors:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[slot])))
+            elif not active[slot]:
                 responses.append(pb_utils.InferenceResponse())
-                continue
-            self.last_seen[slot] = -np.inf if _control(request, "END") else now
-            output = dlpack.to_dlpack(torch.from_numpy(audio[slot : slot + 1].copy()))
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("AUDIO", output)]))
+            else:
+                output = dlpack.to_dlpack(torch.from_numpy(audio[slot : slot + 1].copy()))
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("AUDIO", output)]))
         self.gauge.set(self._active())
         return responses
+
+    def _start(self, slot: int, request) -> None:
+        """A new stream in `slot`: reset first, so that whatever fails next, nothing of the slot's previous stream
+        carries over; a stream whose start fails is refused until it starts again."""
+        self.streams.reset(slot)
+        self.refused[slot] = ""
+        try:
+            if self.params.seed_policy == "sequence":
+                reseed(self.streams, slot, sequence_seed(self.params.seed, request.correlation_id()))
+        except Exception as err:
+            self.refused[slot] = (
+                f"stream {_correlation_id(request)} (slot {slot}) was refused at its start "
+                f"({type(err).__name__}: {err}): start it again (a request with START)"
+            )
+            raise
 
     def _active(self) -> int:
         return int((time.monotonic() - self.last_seen < self.idle_s).sum())
@@ -100,3 +125,11 @@ def _input(request, name: str) -> np.ndarray:
 
 def _control(request, name: str) -> bool:
     return bool(_input(request, name).ravel()[0])
+
+
+def _correlation_id(request) -> str:
+    """The request's correlation ID for a message (uint64 or str; never raises)."""
+    try:
+        return repr(request.correlation_id())
+    except Exception:
+        return "?"
