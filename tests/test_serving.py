@@ -1,7 +1,9 @@
 """Serving through the real tritonserver (the nvidia-pytriton wheel's binary, or one on PATH) on 127.0.0.1.
 
-One server for the module (tiny preset, 3 slots, 2.5 s idle timeout). Every served stream is checked against the
-same `Streams` backend run in this process, in the stream's slot, with its seed (seed + correlation ID): served audio
+One server for the module (tiny preset, 3 slots, 2.5 s idle timeout) on ports of its own: free ones, picked again if
+another process takes one first (pytest-xdist workers and other runs on the machine start servers too). Every served
+stream is checked against the same `Streams` backend run in this process, in the stream's slot, with its seed (seed +
+correlation ID; for a string ID the first 8 bytes of its BLAKE2b digest, little-endian, as documented): served audio
 must equal it up to fp32 rounding. Rows of a batch are computed independently of the other slots' content, so the
 reference runs one slot at a time; the slot is pinned by the order in which streams start (Triton's Direct strategy
 gives a new sequence the lowest free slot).
@@ -9,6 +11,7 @@ gives a new sequence the lowest free slot).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -25,14 +28,21 @@ import pytest
 
 from soundreactor.serving.params import ServingParams, load_streams, reseed
 from soundreactor.serving.repository import write_repository
-from soundreactor.serving.server import SHM_DIR, ServerError, TritonServer, find_tritonserver, group_alive
+from soundreactor.serving.server import (
+    SHM_DIR,
+    PortInUse,
+    ServerError,
+    TritonServer,
+    find_tritonserver,
+    group_alive,
+)
 
 try:
     find_tritonserver()
     import tritonclient.grpc  # noqa: F401
     import tritonclient.http as httpclient
 
-    from soundreactor.serving.client import StreamClient, StreamError, StreamTimeout
+    from soundreactor.serving.client import StreamClient, StreamError, StreamLost, StreamTimeout
 except (ServerError, ImportError) as err:
     pytest.skip(
         f"serving tests need tritonserver and tritonclient ({err}); CI installs them: see .ci/run",
@@ -57,6 +67,24 @@ def ports() -> dict[str, int]:
     return {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
 
 
+def start_server(repo: Path, tries: int = 5, **options) -> TritonServer:
+    """A started server on free ports; new ones if another process takes one between our pick and its bind."""
+    for _ in range(tries):
+        server = TritonServer(repo, **ports(), **options)
+        try:
+            server.start(timeout_s=120)
+            return server
+        except PortInUse:
+            continue
+    raise AssertionError(f"no free ports in {tries} tries")
+
+
+def seed_of(sequence_id: int | str) -> int:
+    if isinstance(sequence_id, str):
+        sequence_id = int.from_bytes(hashlib.blake2b(sequence_id.encode(), digest_size=8).digest(), "little")
+    return SEED + sequence_id
+
+
 @pytest.fixture(scope="module")
 def params(tmp_path_factory) -> ServingParams:
     from soundreactor.model.soundreactor import init_model
@@ -77,8 +105,7 @@ def repo(params, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo):
-    server = TritonServer(repo, log=repo.parent / "tritonserver.log", exit_timeout_s=5, **ports())
-    server.start(timeout_s=120)
+    server = start_server(repo, log=repo.parent / "tritonserver.log", exit_timeout_s=5)
     yield server
     server.stop()
 
@@ -88,8 +115,8 @@ def local(params):
     """The reference: `reference(slot, sequence_id, frames)` -> audio [n, 2, 1600] from a fresh slot."""
     streams = load_streams(params)
 
-    def reference(slot: int, sequence_id: int, frames: np.ndarray) -> np.ndarray:
-        reseed(streams, slot, SEED + sequence_id)
+    def reference(slot: int, sequence_id: int | str, frames: np.ndarray) -> np.ndarray:
+        reseed(streams, slot, seed_of(sequence_id))
         active = np.arange(SLOTS) == slot
         batch = np.zeros((SLOTS, *HW, 3), np.uint8)
         out = []
@@ -187,7 +214,24 @@ def test_streams_beyond_the_slots_wait_and_end_frees_a_slot(server, local):
         np.testing.assert_allclose(np.stack(audio[seq]), expected, rtol=0, atol=ATOL)
 
 
-def test_deadline_while_waiting_then_idle_slots_come_back_clean(server, local):
+def test_a_string_correlation_id_starts_a_clean_stream_in_a_used_slot(server, local):
+    frames = {801: clip(801, n=2), "camera-7": clip(802, n=3)}
+    with StreamClient(
+        server.grpc_url, sequence_id=801, timeout_s=10
+    ) as before:  # history in slot 0, then END
+        before.step(frames[801][0])
+        before.step(frames[801][1], end=True)
+    with StreamClient(server.grpc_url, sequence_id="camera-7", timeout_s=10) as stream:  # slot 0 again
+        audio = [stream.step(f, end=k == 2) for k, f in enumerate(frames["camera-7"])]
+    np.testing.assert_allclose(np.stack(audio), local(0, "camera-7", frames["camera-7"]), rtol=0, atol=ATOL)
+
+
+def test_deadline_while_waiting_writes_nothing_then_a_paused_stream_is_lost_and_restarts_clean(
+    server, local, tmp_path, capsys
+):
+    from soundreactor.cli import main
+    from soundreactor.demo_video import make_demo_video
+
     frames = clip(300, n=3)
     holders = [StreamClient(server.grpc_url, sequence_id=seq, timeout_s=10) for seq in (301, 302, 303)]
     for holder in holders:
@@ -197,17 +241,28 @@ def test_deadline_while_waiting_then_idle_slots_come_back_clean(server, local):
     late = StreamClient(server.grpc_url, sequence_id=304, timeout_s=0.5)
     with pytest.raises(StreamTimeout, match="slot"):
         late.step(frames[0])
-    for holder in holders:
+    # the `stream` command timing out on its first frame leaves no file
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.1, size=HW)
+    argv = ["stream", "--url", server.grpc_url, "--video", str(video), "--out", str(tmp_path / "a.wav")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--timeout-s", "0.5", "--sequence-id", "306"])
+    assert exit_info.value.code == 2
+    assert "nothing written" in capsys.readouterr().err
+    assert not (tmp_path / "a.wav").exists()
+    for holder in holders[1:]:
         holder.close()  # dropped without END: Triton frees the slots after the idle timeout
-    # The late request may still get a slot once one idles out, then idle out itself: wait for both.
+    # holders[0] pauses past the idle timeout. The late requests may still get a slot once one idles out, then
+    # idle out themselves: wait for both.
     time.sleep(2 * IDLE_S + 0.5)
     assert wait_for(lambda: active_streams(server) == 0, timeout_s=IDLE_S + 5)
-    expired = holders[0].sequence_id
-    with StreamClient(server.grpc_url, sequence_id=expired, timeout_s=10) as stale:
-        stale.frames_sent = 2  # carry on the dropped stream: Triton no longer knows it
-        with pytest.raises(StreamError, match="START"):
-            stale.step(frames[2])
-    with StreamClient(server.grpc_url, sequence_id=305, timeout_s=10) as fresh:  # lowest free slot: 0
+    with pytest.raises(StreamLost, match=r"idle timeout.*restart\(\)"):
+        holders[0].step(frames[2])
+    with pytest.raises(StreamLost):  # lost until restarted: no frame goes out on a state the server dropped
+        holders[0].step(frames[2])
+    holders[0].restart()  # lowest free slot: 0
+    audio = [holders[0].step(f, end=k == 2) for k, f in enumerate(frames)]
+    np.testing.assert_allclose(np.stack(audio), local(0, 301, frames), rtol=0, atol=ATOL)
+    with StreamClient(server.grpc_url, sequence_id=305, timeout_s=10) as fresh:  # slot 0 again
         audio = [fresh.step(f, end=k == 2) for k, f in enumerate(frames)]
     np.testing.assert_allclose(np.stack(audio), local(0, 305, frames), rtol=0, atol=ATOL)
 
@@ -274,18 +329,35 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_serve_command_stops_on_sigterm_leaving_no_process_or_shared_memory(repo):
-    before = set(SHM_DIR.glob("soundreactor_*"))
-    port = ports()
-    argv = [sys.executable, "-m", "soundreactor", "serve", "--repo", str(repo)]
-    argv += [f"--{k.replace('_', '-')}={v}" for k, v in port.items()]
+def _shm_prefix(pid: int) -> str:
+    """The shared-memory prefix of the tritonserver `pid`, from its command line (each server has its own)."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    (config,) = [a for a in args if "shm-region-prefix-name=" in a]
+    return config.split("shm-region-prefix-name=")[1]
+
+
+def _serve(repo: Path, tries: int = 5) -> tuple[subprocess.Popen, TritonServer]:
+    """`soundreactor serve` in a subprocess on free ports (new ones if one was taken before it bound it), ready."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    serve = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    for _ in range(tries):
+        port = ports()
+        argv = [sys.executable, "-m", "soundreactor", "serve", "--repo", str(repo)]
+        argv += [f"--{k.replace('_', '-')}={v}" for k, v in port.items()]
+        serve = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         probe = TritonServer(repo, **port)
-        assert wait_for(probe.ready, timeout_s=120), "the server did not become ready"
+        if wait_for(lambda: probe.ready() or serve.poll() is not None, timeout_s=120) and probe.ready():  # noqa: B023
+            return serve, probe
+        output, _ = serve.communicate(timeout=60)
+        assert "cannot be used" in output, output[-2000:]  # a port taken: try others
+    raise AssertionError(f"no free ports in {tries} tries")
+
+
+def test_serve_command_stops_on_sigterm_leaving_no_process_or_shared_memory(repo):
+    serve, probe = _serve(repo)
+    try:
         (triton,) = _children(serve.pid)
-        assert set(SHM_DIR.glob("soundreactor_*")) - before, "no Python-backend shared memory while serving"
+        prefix = _shm_prefix(triton)
+        assert list(SHM_DIR.glob(f"{prefix}*")), "no Python-backend shared memory while serving"
         with StreamClient(probe.grpc_url, sequence_id=601, timeout_s=10) as stream:
             stream.step(clip(601, n=1)[0], end=True)
         serve.send_signal(signal.SIGTERM)
@@ -296,23 +368,30 @@ def test_serve_command_stops_on_sigterm_leaving_no_process_or_shared_memory(repo
     assert serve.returncode == 0, output[-2000:]
     assert "tritonserver stopped (exit code 0)" in output
     assert not group_alive(triton)
-    assert set(SHM_DIR.glob("soundreactor_*")) == before
+    assert not list(SHM_DIR.glob(f"{prefix}*"))
 
 
-def test_a_server_that_will_not_stop_is_killed_with_its_stubs_and_shared_memory(repo):
-    server = TritonServer(repo, exit_timeout_s=1, **ports())
-    server.start(timeout_s=120)
+def test_a_server_that_will_not_stop_is_killed_and_a_paused_client_restarts_on_its_next_run(repo, local):
+    server = start_server(repo, exit_timeout_s=1)
     pid = server.process.pid
     regions = server.shm_regions()
     assert regions
+    frames = clip(701, n=2)
     stream = StreamClient(server.grpc_url, sequence_id=701, timeout_s=10)
-    stream.step(clip(701, n=1)[0])  # an open gRPC stream keeps the model loaded past the exit timeout
     try:
+        stream.step(frames[0])  # an open gRPC stream keeps the model loaded past the exit timeout
         server.stop()
+        assert not group_alive(pid)
+        assert not any(r.exists() for r in regions)
+        with pytest.raises(StreamLost, match=r"connection .* broke.*restart\(\)"):
+            stream.step(frames[1])  # the client paused while the server went away
+        server.start(timeout_s=120)  # the same ports, taken back at once
+        stream.restart()
+        audio = [stream.step(f, end=k == 1) for k, f in enumerate(frames)]
     finally:
         stream.close()
-    assert not group_alive(pid)
-    assert not any(r.exists() for r in regions)
+        server.stop()
+    np.testing.assert_allclose(np.stack(audio), local(0, 701, frames), rtol=0, atol=ATOL)
 
 
 def test_a_server_that_exits_while_starting_is_one_error_line(tmp_path, capsys):
@@ -320,10 +399,13 @@ def test_a_server_that_exits_while_starting_is_one_error_line(tmp_path, capsys):
     from soundreactor.cli import main
 
     (tmp_path / "not_a_model").mkdir()
-    ports = [str(free_port()) for _ in range(3)]
-    argv = ["serve", "--repo", str(tmp_path), "--http-port", ports[0], "--grpc-port", ports[1]]
-    with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--metrics-port", ports[2], "--start-timeout-s", "60"])
+    for _ in range(5):  # other ports if another process took one first
+        port = [str(free_port()) for _ in range(3)]
+        argv = ["serve", "--repo", str(tmp_path), "--http-port", port[0], "--grpc-port", port[1]]
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--metrics-port", port[2], "--start-timeout-s", "60"])
+        err = capsys.readouterr().err
+        if "cannot be used" not in err:
+            break
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
     assert "tritonserver exited with code" in err and "Traceback" not in err

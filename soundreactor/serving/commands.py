@@ -119,12 +119,13 @@ def cmd_stream(args: argparse.Namespace) -> None:
     from soundreactor.media import SAMPLE_RATE, WavWriter, probe_video, read_frames
     from soundreactor.outputs import check_outputs
     from soundreactor.pipeline import LatencyReport
-    from soundreactor.serving.client import StreamClient, StreamError, StreamTimeout
+    from soundreactor.serving.client import StreamClient, StreamError, StreamLost, StreamTimeout
 
     check_outputs([("--out", args.out)], [("--video", args.video)])
     info = probe_video(args.video)
     period = 0.0 if args.no_pace else 1.0 / FPS
     times: list[float] = []
+    out = None  # opened with the first audio: a stream that fails before it leaves no file
     try:
         with StreamClient(args.url, args.model, args.sequence_id, args.timeout_s) as stream:
             served = stream.frame_hw()
@@ -136,24 +137,41 @@ def cmd_stream(args: argparse.Namespace) -> None:
                 )
             frames = read_frames(args.video, fps=FPS)
             total = round(info.duration_s * FPS)
-            with WavWriter(args.out, sample_rate=SAMPLE_RATE) as out:
-                start = time.perf_counter()
-                frame = next(frames, None)
-                for index in tqdm(range(total), unit="frame", desc="streaming"):
-                    if frame is None:
-                        break
-                    following = next(frames, None)  # the last frame carries END, freeing the slot at once
-                    time.sleep(max(0.0, start + index * period - time.perf_counter()))
-                    sent = time.perf_counter()
-                    audio = stream.step(frame, end=following is None)
-                    times.append(time.perf_counter() - sent)
-                    out.write(audio)
-                    frame = following
-    except (StreamError, StreamTimeout) as err:
-        written = f" ({len(times)} frames written to {args.out})" if times else ""
-        raise _fail(f"{err}{written}") from None
+            start = time.perf_counter()
+            frame = next(frames, None)
+            for index in tqdm(range(total), unit="frame", desc="streaming"):
+                if frame is None:
+                    break
+                following = next(frames, None)  # the last frame carries END, freeing the slot at once
+                time.sleep(max(0.0, start + index * period - time.perf_counter()))
+                sent = time.perf_counter()
+                audio = stream.step(frame, end=following is None)
+                times.append(time.perf_counter() - sent)
+                out = out or WavWriter(args.out, sample_rate=SAMPLE_RATE)
+                out.write(audio)
+                frame = following
+    except (StreamError, StreamLost, StreamTimeout) as err:
+        written = f"{len(times)} frames written to {args.out}" if times else f"nothing written to {args.out}"
+        raise _fail(f"{err} ({written})") from None
+    finally:
+        if out is not None:
+            out.close()
+    if not times:
+        raise ValueError(f"{args.video} has no frames to stream: nothing written to {args.out}")
     print(f"wrote {args.out}")
     print(LatencyReport.from_times(times, FPS).summary())
+
+
+def correlation_id(text: str) -> int | str:
+    """`--sequence-id`: a number from 1 to 2**63 - 1 (tritonclient sends int64), or any other text as a string ID."""
+    if not text:
+        raise argparse.ArgumentTypeError("a sequence ID is a number or a non-empty string")
+    if not text.isdigit():
+        return text
+    number = int(text)
+    if not 0 < number < 2**63:
+        raise argparse.ArgumentTypeError(f"a numeric sequence ID is 1 to {2**63 - 1}, got {text}")
+    return number
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -205,11 +223,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=cmd_serve)
 
     stream = sub.add_parser("stream", help="stream a video to a server frame by frame, write the audio")
-    stream.add_argument("--url", required=True, help="HOST:PORT of the server's gRPC endpoint")
+    stream.add_argument(
+        "--url", required=True, help="HOST[:PORT] of the server's gRPC endpoint (port 8001 if not given)"
+    )
     stream.add_argument("--video", required=True)
     stream.add_argument("--out", required=True, help="output WAV (48 kHz stereo), written as audio arrives")
     stream.add_argument("--model", default="soundreactor")
-    stream.add_argument("--sequence-id", type=int, help="the stream's correlation ID (default: random)")
+    stream.add_argument("--sequence-id", type=correlation_id,
+                        help="the stream's correlation ID: a number or a string (default: a random number)")  # fmt: skip
     stream.add_argument(
         "--no-pace", action="store_true", help="send each frame as soon as the last is answered"
     )

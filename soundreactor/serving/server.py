@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -32,6 +33,10 @@ INSTALL_HINT = (
 
 class ServerError(RuntimeError):
     """tritonserver is missing, failed to start, or did not become ready."""
+
+
+class PortInUse(ServerError):
+    """A port the server needs is taken by another process."""
 
 
 def find_tritonserver() -> tuple[Path, Path | None]:
@@ -118,6 +123,11 @@ class TritonServer:
             raise FileNotFoundError(
                 f"model repository not found: {repo} (write one with `soundreactor triton-repo`)"
             )
+        if not any(p.is_dir() and not p.name.startswith(".") for p in self.repo.iterdir()):
+            # tritonserver would start, report ready, and serve nothing
+            raise ValueError(
+                f"{repo} holds no model: write one into it with `soundreactor triton-repo --out {repo}`"
+            )
         self.host, self.exit_timeout_s = host, exit_timeout_s
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.log = Path(log) if log else None
@@ -159,7 +169,9 @@ class TritonServer:
         return [*args, *self.extra_args], env
 
     def start(self, timeout_s: float = 180.0) -> None:
-        """Start the server and return once it reports ready (every model loaded); ServerError otherwise."""
+        """Start the server and return once it reports ready (every model loaded); PortInUse if a port is taken,
+        ServerError otherwise."""
+        self._check_ports()
         args, env = self.command()
         out = self._out = open(self.log, "ab") if self.log else None  # noqa: SIM115 (closed in stop)
         # A session of its own: Ctrl-C in a terminal reaches us only, and we stop the server in order.
@@ -169,12 +181,29 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 code = self.stop()  # stop() forgets the process: keep its exit code for the message
+                self._check_ports()  # taken after our check, before the server bound it
                 raise ServerError(f"tritonserver exited with code {code} while starting{self._log_tail()}")
             if self.ready():
                 return
             time.sleep(0.2)
         self.stop()
         raise ServerError(f"tritonserver was not ready within {timeout_s:.0f} s{self._log_tail()}")
+
+    def _check_ports(self) -> None:
+        """Bind each port as the server will (SO_REUSEADDR: a closed connection's TIME_WAIT does not count)."""
+        for kind, port in self.ports.items():
+            family, socktype, proto, _, address = socket.getaddrinfo(
+                self.host or None, port, type=socket.SOCK_STREAM
+            )[0]
+            with socket.socket(family, socktype, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(address)
+                except OSError as err:
+                    raise PortInUse(
+                        f"the {kind} port {port} on {self.host} cannot be used: {err.strerror} (another server may "
+                        f"listen there); stop it, or pick a free port with --{kind}-port"
+                    ) from None
 
     def ready(self) -> bool:
         url = f"http://{self.local_host}:{self.ports['http']}/v2/health/ready"
