@@ -131,3 +131,59 @@ def test_repository_folder_holding_other_things_is_refused(checkpoint, tmp_path,
     (repo / "notes.txt").unlink()
     assert main(argv) == 0  # an empty folder, and then a rewrite of its own model, are fine
     assert main(argv) == 0
+
+
+def test_serve_refuses_a_repository_without_models(tmp_path, capsys):
+    (tmp_path / ".hidden").mkdir()  # tritonserver would start, say ready, and serve nothing
+    assert main(["serve", "--repo", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no model" in err and f"triton-repo --out {tmp_path}" in err
+
+
+def test_serve_names_a_taken_port_and_why(checkpoint, tmp_path, capsys):
+    argv = ["triton-repo", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--frame-size", "28x42"]
+    assert main(argv) == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        others = []
+        for _ in range(2):  # the other ports free, whatever else runs on the machine
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                others.append(str(s.getsockname()[1]))
+        argv = ["serve", "--repo", str(tmp_path), "--grpc-port", str(port), "--http-port", others[0]]
+        with pytest.raises(SystemExit) as exit_info:  # refused before tritonserver is looked for or started
+            main([*argv, "--metrics-port", others[1]])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"the grpc port {port} on 127.0.0.1 cannot be used: Address already in use" in err
+    assert "--grpc-port" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("triton.example", "triton.example:8001"),  # gRPC alone would dial port 443
+        ("10.0.0.5:9001", "10.0.0.5:9001"),
+        ("::1", "[::1]:8001"),
+        ("[::1]", "[::1]:8001"),
+        ("[::1]:9001", "[::1]:9001"),
+    ],
+)
+def test_a_url_without_a_port_means_tritons_grpc_port(url, address):
+    pytest.importorskip("tritonclient.grpc")
+    from soundreactor.serving.client import grpc_address
+
+    assert grpc_address(url) == address
+
+
+def test_sequence_ids_are_numbers_or_strings(capsys):
+    from soundreactor.serving.commands import correlation_id
+
+    assert correlation_id("42") == 42 and correlation_id("camera-7") == "camera-7"
+    base = ["stream", "--url", "h", "--video", "v.mp4", "--out", "a.wav", "--sequence-id"]
+    for bad in ("0", str(2**63), ""):
+        with pytest.raises(SystemExit):
+            main([*base, bad])
+        assert "sequence ID" in capsys.readouterr().err
