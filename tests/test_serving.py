@@ -11,9 +11,11 @@ gives a new sequence the lowest free slot).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,8 +100,15 @@ def params(tmp_path_factory) -> ServingParams:
 
 @pytest.fixture(scope="module")
 def repo(params, tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("repo")
-    write_repository(repo, params, idle_timeout_s=IDLE_S)
+    """Written from a checkpoint that is then deleted, and moved: a repository holds what it serves."""
+    scratch = tmp_path_factory.mktemp("scratch")
+    checkpoint = scratch / "gone.safetensors"
+    shutil.copyfile(params.checkpoint, checkpoint)
+    written = scratch / "repo"
+    write_repository(written, dataclasses.replace(params, checkpoint=str(checkpoint)), idle_timeout_s=IDLE_S)
+    repo = tmp_path_factory.mktemp("moved") / "repo"
+    written.rename(repo)
+    shutil.rmtree(scratch)
     return repo
 
 

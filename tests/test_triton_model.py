@@ -117,7 +117,8 @@ def model(params, monkeypatch):
     }
     instance = triton_model.TritonPythonModel()
     instance.initialize({"model_config": json.dumps(config), "model_instance_kind": "CPU",
-                         "model_name": "soundreactor", "model_instance_name": "soundreactor_0"})  # fmt: skip
+                         "model_repository": "/unused", "model_name": "soundreactor",
+                         "model_instance_name": "soundreactor_0"})  # fmt: skip
     yield instance
     instance.finalize()
     sys.modules.pop("soundreactor.serving.triton_model", None)  # its pb_utils was the stand-in

@@ -30,7 +30,7 @@ def read_config(model_dir: Path):
 
 
 def test_checkpoint_repository_for_two_gpus(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.chdir(checkpoint.parent)  # a relative checkpoint path is stored absolute
+    monkeypatch.chdir(checkpoint.parent)  # a relative checkpoint path is read from here
     argv = ["triton-repo", "--checkpoint", checkpoint.name, "--out", str(tmp_path / "repo"), "--backend",
             "cuda-graph", "--gpus", "0,1", "--slots", "4", "--frame-size", "28x42", "--nfe", "2", "--seed", "3",
             "--seed-policy", "slot", "--idle-timeout-s", "2.5", "--queue-delay-us", "500"]  # fmt: skip
@@ -51,8 +51,10 @@ def test_checkpoint_repository_for_two_gpus(checkpoint, tmp_path, monkeypatch):
         (1, [1], 1),
     ]  # GPU
     params = ServingParams.from_config({k: v.string_value for k, v in config.parameters.items()})
-    assert params == ServingParams(backend="cuda-graph", slots=4, frame_hw=(28, 42), checkpoint=str(checkpoint),
+    stored = "1/checkpoint.safetensors"  # in the repository, relative to the model folder
+    assert params == ServingParams(backend="cuda-graph", slots=4, frame_hw=(28, 42), checkpoint=stored,
                                    nfe=2, seed=3, seed_policy="slot")  # fmt: skip
+    assert (model_dir / stored).read_bytes() == checkpoint.read_bytes()
     model_py = (model_dir / "1" / "model.py").read_text()
     assert "from soundreactor.serving.triton_model import TritonPythonModel" in model_py
     assert f"PACKAGE_ROOT = {str(ROOT)!r}" in model_py
@@ -187,3 +189,32 @@ def test_sequence_ids_are_numbers_or_strings(capsys):
         with pytest.raises(SystemExit):
             main([*base, bad])
         assert "sequence ID" in capsys.readouterr().err
+
+
+def test_an_export_is_stored_in_the_repository_and_read_relative_to_it(tmp_path):
+    from soundreactor.serving.repository import write_repository
+
+    blobs = tmp_path / "cache" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "abc").write_bytes(b"weights")
+    export = tmp_path / "export"
+    (export / "sub").mkdir(parents=True)
+    (export / "manifest.json").write_text("{}")
+    (export / "sub" / "model.onnx").symlink_to(blobs / "abc")  # a cache's layout: links are followed
+    params = ServingParams(backend="onnxruntime", slots=2, frame_hw=(28, 42), engines=str(export))
+    model_dir = write_repository(tmp_path / "repo", params)
+    stored = model_dir / "1" / "engines"
+    assert (stored / "manifest.json").read_text() == "{}"
+    assert (stored / "sub" / "model.onnx").read_bytes() == b"weights"
+    assert not (stored / "sub" / "model.onnx").is_symlink()
+    config = read_config(model_dir)
+    read = ServingParams.from_config({k: v.string_value for k, v in config.parameters.items()})
+    assert read.engines == "1/engines"
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "repo").rename(moved)
+    assert Path(read.located_in(moved / "soundreactor").engines) == moved / "soundreactor" / "1" / "engines"
+    # a rewrite given the stored export itself keeps it
+    write_repository(moved, ServingParams(backend="onnxruntime", slots=2, frame_hw=(28, 42),
+                                          engines=str(moved / "soundreactor" / "1" / "engines")))  # fmt: skip
+    assert (moved / "soundreactor" / "1" / "engines" / "sub" / "model.onnx").read_bytes() == b"weights"
+    assert sorted(p.name for p in (moved / "soundreactor" / "1").iterdir()) == ["engines", "model.py"]

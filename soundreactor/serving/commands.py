@@ -62,6 +62,9 @@ def cmd_triton_repo(args: argparse.Namespace) -> None:
     model_dir = write_repository(args.out, params, args.name, gpus, args.idle_timeout_s, args.queue_delay_us)
     where = f"one instance per GPU {gpus}" if gpus else "one CPU instance"
     print(f"wrote {model_dir}: {backend} backend, {params.slots} slots, {where}, frames {params.frame_hw}")
+    print(
+        f"{args.out} holds the {'export' if args.engines else 'checkpoint'} it serves: it can be moved as it is"
+    )
     print(f"serve it with: soundreactor serve --repo {args.out}")
 
 

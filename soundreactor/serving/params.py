@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 SEED_POLICIES = ("sequence", "slot")
@@ -29,6 +30,7 @@ class ServingParams:
     backend: str
     slots: int
     frame_hw: tuple[int, int]
+    # In a repository's config both paths are relative to the model folder (`located_in` makes them absolute).
     checkpoint: str = ""  # torch backends; optional for export backends (checked against the export)
     engines: str = ""  # export backends: the `soundreactor export` folder
     nfe: int = 0  # 0: the checkpoint's or export's own
@@ -49,6 +51,11 @@ class ServingParams:
             raise ValueError(f"unknown seed policy {self.seed_policy!r}: use one of {SEED_POLICIES}")
         if self.slots < 1:
             raise ValueError(f"slots must be at least 1, got {self.slots}")
+
+    def located_in(self, model_dir: str | Path) -> ServingParams:
+        """These parameters with relative paths read from `model_dir` (absolute paths stay as they are)."""
+        paths = {"checkpoint": self.checkpoint, "engines": self.engines}
+        return dataclasses.replace(self, **{k: str(Path(model_dir) / v) for k, v in paths.items() if v})
 
     def to_config(self) -> dict[str, str]:
         """Triton `parameters` entries (string values only)."""

@@ -2,13 +2,23 @@
 
 Layout (https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/user_guide/model_repository.html):
 
-    REPO/NAME/config.pbtxt    FRAME uint8 [H, W, 3] -> AUDIO float32 [2, 1600], max_batch_size = slots
-    REPO/NAME/1/model.py      imports soundreactor.serving.triton_model
+    REPO/NAME/config.pbtxt                 FRAME uint8 [H, W, 3] -> AUDIO float32 [2, 1600], max_batch_size = slots
+    REPO/NAME/1/model.py                   imports soundreactor.serving.triton_model
+    REPO/NAME/1/checkpoint.safetensors     the checkpoint, if any
+    REPO/NAME/1/engines/                   the export, if any
+
+The repository holds what it serves (hard links where the file system allows, else copies), and its config names
+these files relative to REPO/NAME: it can be moved, copied to another machine or mounted in a container as it is.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import soundreactor
@@ -91,15 +101,55 @@ def write_repository(
     idle_timeout_s: float = 5.0,
     queue_delay_us: int = 0,
 ) -> Path:
-    """Write REPO/NAME/{config.pbtxt, 1/model.py} and return the model folder. Paths in `params` must be
-    absolute (the server resolves them from its own working directory)."""
-    for label, path in (("checkpoint", params.checkpoint), ("engines", params.engines)):
-        if path and not Path(path).is_absolute():
-            raise ValueError(f"{label} path must be absolute in a model repository, got {path}")
+    """Write REPO/NAME/{config.pbtxt, 1/model.py}, with the checkpoint and export of `params` stored in NAME/1/,
+    and return the model folder."""
     model_dir = Path(repo) / name
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    config = config_pbtxt(name, params, gpus, idle_timeout_s, queue_delay_us)
+    version = model_dir / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    stored = {}
+    if params.checkpoint:
+        source = Path(params.checkpoint)
+        _store_file(source, version / f"checkpoint{source.suffix}")
+        stored["checkpoint"] = f"1/checkpoint{source.suffix}"
+    if params.engines:
+        _store_folder(Path(params.engines), version / "engines")
+        stored["engines"] = "1/engines"
+    config = config_pbtxt(name, dataclasses.replace(params, **stored), gpus, idle_timeout_s, queue_delay_us)
     (model_dir / "config.pbtxt").write_text(config)
     root = str(Path(soundreactor.__file__).resolve().parents[1])
     (model_dir / "1" / "model.py").write_text(MODEL_PY.format(root=root))
     return model_dir
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    """A hard link (instant, no space) where the file system allows one, else a copy."""
+    try:
+        os.link(os.path.realpath(source), target)  # Linux's link(2) would link a symlink itself
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copyfile(source, target)
+
+
+def _store_file(source: Path, target: Path) -> None:
+    """`source` at `target`, replaced whole (a rewrite may be given the stored file itself as its source)."""
+    if target.exists() and source.resolve() == target.resolve():
+        return
+    scratch = target.with_name(f".{target.name}.partial")
+    scratch.unlink(missing_ok=True)
+    _link_or_copy(source, scratch)
+    os.replace(scratch, target)
+
+
+def _store_folder(source: Path, target: Path) -> None:
+    """The folder `source` (links inside it followed) at `target`, replaced whole."""
+    if target.exists() and source.resolve() == target.resolve():
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copytree(source, scratch, copy_function=_link_or_copy, dirs_exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -31,7 +31,8 @@ GAUGE_REFRESH_S = 1.0
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        self.params = ServingParams.from_config(config.get("parameters", {}))
+        parameters = ServingParams.from_config(config.get("parameters", {}))
+        self.params = parameters.located_in(args["model_repository"])  # the model folder
         gpu = args["model_instance_kind"] == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
         self.streams = load_streams(self.params, device)
