@@ -202,6 +202,35 @@ def test_a_request_that_fails_fails_alone_and_its_stream_never_runs_on_old_state
     np.testing.assert_allclose(np.stack(out[2]), local(2, SEED + 23, frames[2][:3]), rtol=0, atol=ATOL)
 
 
+def test_a_step_that_fails_for_one_stream_fails_that_stream_alone(model, local, monkeypatch):
+    frames = {slot: clip(10 + slot) for slot in range(SLOTS)}
+    poison = np.full((*HW, 3), 7, np.uint8)
+    step = model.streams.step
+
+    def failing_step(batch: np.ndarray, active: np.ndarray) -> np.ndarray:  # a fault in slot 1's frame
+        if active[1] and np.array_equal(batch[1], poison):
+            raise RuntimeError("slot 1's frame broke the step")
+        return step(batch, active)
+
+    monkeypatch.setattr(model.streams, "step", failing_step)
+    out: dict[int, list] = {slot: [] for slot in range(SLOTS)}
+    for k in range(3):
+        sent = {slot: frames[slot][k] for slot in range(SLOTS)}
+        if k == 1:
+            sent[1] = poison
+        responses = model.execute([Request(31 + s, sent[s], start=k == 0) for s in range(SLOTS)])
+        for slot in range(SLOTS):
+            if k == 1 and slot == 1:
+                assert "broke the step" in responses[1].error and "slot 1" in responses[1].error
+            else:
+                out[slot].append(audio(responses[slot]))
+    for slot in (0, 2):
+        np.testing.assert_allclose(np.stack(out[slot]), local(slot, SEED + 31 + slot, frames[slot]), rtol=0,
+                                   atol=ATOL)  # fmt: skip
+    # the failed frame left slot 1 as it was: its stream is frames 0 and 2
+    np.testing.assert_allclose(np.stack(out[1]), local(1, SEED + 32, frames[1][[0, 2]]), rtol=0, atol=ATOL)
+
+
 def test_sequence_seed_wraps_and_refuses_what_is_no_id():
     from soundreactor.serving.params import sequence_seed
 

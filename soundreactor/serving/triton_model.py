@@ -76,9 +76,8 @@ class TritonPythonModel:
                 errors[slot] = f"stream {_correlation_id(request)} (slot {slot}): {type(err).__name__}: {err}"
         try:
             audio = self.streams.step(frames, active)
-        except Exception as err:  # the backend left every slot as it was; each stream hears why
-            error = pb_utils.TritonError(f"{type(err).__name__}: {err}")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        except Exception:  # the backend left every slot as it was: find the slot that fails
+            audio = self._step_apart(requests, frames, active, errors)
         responses = []
         for slot in range(len(requests)):
             if slot in errors:
@@ -90,6 +89,22 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("AUDIO", output)]))
         self.gauge.set(self._active())
         return responses
+
+    def _step_apart(self, requests: list, frames: np.ndarray, active: np.ndarray, errors: dict[int, str]):
+        """Step each active slot on its own (rows never depend on other slots), so a step that fails for one stream
+        fails that stream alone; `active` and `errors` are updated in place. Only after a failed batch step."""
+        audio = None
+        for slot in np.flatnonzero(active):
+            try:
+                row = self.streams.step(frames, np.arange(len(active)) == slot)[slot]
+            except Exception as err:
+                stream = _correlation_id(requests[slot])
+                errors[int(slot)] = f"stream {stream} (slot {slot}): {type(err).__name__}: {err}"
+                active[slot] = False
+                continue
+            audio = np.zeros((len(active), *row.shape), row.dtype) if audio is None else audio
+            audio[slot] = row
+        return audio
 
     def _start(self, slot: int, request) -> None:
         """A new stream in `slot`: reset first, so that whatever fails next, nothing of the slot's previous stream
