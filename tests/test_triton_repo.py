@@ -191,7 +191,7 @@ def test_sequence_ids_are_numbers_or_strings(capsys):
         assert "sequence ID" in capsys.readouterr().err
 
 
-def test_an_export_is_stored_in_the_repository_and_read_relative_to_it(tmp_path):
+def test_an_export_is_stored_in_the_repository_and_read_relative_to_it(checkpoint, tmp_path):
     from soundreactor.serving.repository import write_repository
 
     blobs = tmp_path / "cache" / "blobs"
@@ -218,3 +218,9 @@ def test_an_export_is_stored_in_the_repository_and_read_relative_to_it(tmp_path)
                                           engines=str(moved / "soundreactor" / "1" / "engines")))  # fmt: skip
     assert (moved / "soundreactor" / "1" / "engines" / "sub" / "model.onnx").read_bytes() == b"weights"
     assert sorted(p.name for p in (moved / "soundreactor" / "1").iterdir()) == ["engines", "model.py"]
+    # a rewrite for a checkpoint drops the export it no longer serves
+    write_repository(
+        moved, ServingParams(backend="torch", slots=2, frame_hw=(28, 42), checkpoint=str(checkpoint))
+    )
+    stored = sorted(p.name for p in (moved / "soundreactor" / "1").iterdir())
+    assert stored == ["checkpoint.safetensors", "model.py"]

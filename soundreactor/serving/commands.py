@@ -150,7 +150,8 @@ def cmd_stream(args: argparse.Namespace) -> None:
                 sent = time.perf_counter()
                 audio = stream.step(frame, end=following is None)
                 times.append(time.perf_counter() - sent)
-                out = out or WavWriter(args.out, sample_rate=SAMPLE_RATE)
+                if out is None:
+                    out = WavWriter(args.out, sample_rate=SAMPLE_RATE)
                 out.write(audio)
                 frame = following
     except (StreamError, StreamLost, StreamTimeout) as err:

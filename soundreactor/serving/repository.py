@@ -114,6 +114,13 @@ def write_repository(
     if params.engines:
         _store_folder(Path(params.engines), version / "engines")
         stored["engines"] = "1/engines"
+    unused = [p for p in (*version.glob("checkpoint.*"), version / "engines")
+              if p.exists() and p.relative_to(model_dir).as_posix() not in stored.values()]  # fmt: skip
+    for path in unused:  # stored by an earlier write
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     config = config_pbtxt(name, dataclasses.replace(params, **stored), gpus, idle_timeout_s, queue_delay_us)
     (model_dir / "config.pbtxt").write_text(config)
     root = str(Path(soundreactor.__file__).resolve().parents[1])

@@ -193,7 +193,7 @@ class TritonServer:
         """Bind each port as the server will (SO_REUSEADDR: a closed connection's TIME_WAIT does not count)."""
         for kind, port in self.ports.items():
             family, socktype, proto, _, address = socket.getaddrinfo(
-                self.host or None, port, type=socket.SOCK_STREAM
+                self.host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )[0]
             with socket.socket(family, socktype, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
