@@ -48,8 +48,9 @@ class StreamClient:
     """One stream of frames to model `model` at `url` (HOST[:PORT] of Triton's gRPC endpoint, port 8001 if not
     given).
 
-    sequence_id: the stream's correlation ID (uint64 or str), unique among the server's live streams (random when
-        None); with the default seed policy it also seeds the stream's noise.
+    sequence_id: the stream's correlation ID, an int (1 to 2**63 - 1: tritonclient sends int64) or a str, unique
+        among the server's live streams (random when None); with the default seed policy it also seeds the
+        stream's noise.
     timeout_s: how long `step` waits for a frame's audio, including the wait for a free slot.
     """
 
@@ -66,9 +67,8 @@ class StreamClient:
         self._connect()
 
     def _connect(self) -> None:
-        answers: queue.Queue = (
-            queue.Queue()
-        )  # this gRPC stream's own: a stopped stream's late calls land here
+        # each gRPC stream answers into its own queue: a stopped stream's late callbacks never reach a new one
+        answers: queue.Queue = queue.Queue()
         self._answers = answers
         self._client = grpcclient.InferenceServerClient(self.url)
         self._client.start_stream(callback=lambda result, error: answers.put((result, error)))
