@@ -114,7 +114,7 @@ def repo(params, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo):
-    server = start_server(repo, log=repo.parent / "tritonserver.log", exit_timeout_s=5)
+    server = start_server(repo, log=repo.parent / "tritonserver.log", exit_timeout_s=1)
     yield server
     server.stop()
 
@@ -380,8 +380,8 @@ def test_serve_command_stops_on_sigterm_leaving_no_process_or_shared_memory(repo
     assert not list(SHM_DIR.glob(f"{prefix}*"))
 
 
-def test_a_server_that_will_not_stop_is_killed_and_a_paused_client_restarts_on_its_next_run(repo, local):
-    server = start_server(repo, exit_timeout_s=1)
+def test_a_server_that_will_not_stop_is_killed_and_a_paused_client_restarts_on_its_next_run(server, local):
+    """The module's server (exit timeout 1 s), stopped and started again."""
     pid = server.process.pid
     regions = server.shm_regions()
     assert regions
@@ -394,12 +394,13 @@ def test_a_server_that_will_not_stop_is_killed_and_a_paused_client_restarts_on_i
         assert not any(r.exists() for r in regions)
         with pytest.raises(StreamLost, match=r"connection .* broke.*restart\(\)"):
             stream.step(frames[1])  # the client paused while the server went away
-        server.start(timeout_s=120)  # the same ports, taken back at once
+    finally:
+        server.start(timeout_s=120)  # the same ports, taken back at once, for the tests after this one
+    try:
         stream.restart()
         audio = [stream.step(f, end=k == 1) for k, f in enumerate(frames)]
     finally:
         stream.close()
-        server.stop()
     np.testing.assert_allclose(np.stack(audio), local(0, 701, frames), rtol=0, atol=ATOL)
 
 
