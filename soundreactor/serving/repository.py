@@ -7,8 +7,9 @@ Layout (https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/
     REPO/NAME/1/checkpoint.safetensors     the checkpoint, if any
     REPO/NAME/1/engines/                   the export, if any
 
-The repository holds what it serves (hard links where the file system allows, else copies), and its config names
-these files relative to REPO/NAME: it can be moved, copied to another machine or mounted in a container as it is.
+The repository holds what it serves (hard links where the file system allows, else copies), its config names
+these files relative to REPO/NAME, and `model.py` imports the soundreactor package that `serve` runs (or the
+installed one): it holds no absolute path, so it can be moved, copied to another machine or mounted in a container.
 """
 
 from __future__ import annotations
@@ -21,24 +22,31 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import soundreactor
 from soundreactor.serving.params import ServingParams
 
 AUDIO_CHANNELS = 2
 SAMPLES_PER_FRAME = 1600
 
-MODEL_PY = '''"""Written by `soundreactor triton-repo`: the model is soundreactor.serving.triton_model."""
+PACKAGE_ROOT_ENV = "SOUNDREACTOR_PACKAGE_ROOT"  # set by `soundreactor serve` for the model's imports
+
+MODEL_PY = f'''"""Written by `soundreactor triton-repo`: the model is soundreactor.serving.triton_model."""
 
 import os
 import sys
 
-# Where the soundreactor package that wrote this repository lives; used first if it exists on this machine
-# (Triton's Python stub does not read PYTHONPATH), else the installed package is used.
-PACKAGE_ROOT = {root!r}
-if os.path.isdir(PACKAGE_ROOT) and PACKAGE_ROOT not in sys.path:
+# `soundreactor serve` names the folder of the soundreactor package it runs (Triton's Python stub ignores
+# PYTHONPATH); a tritonserver started otherwise imports the installed package.
+PACKAGE_ROOT = os.environ.get("{PACKAGE_ROOT_ENV}", "")
+if PACKAGE_ROOT and PACKAGE_ROOT not in sys.path:
     sys.path.insert(0, PACKAGE_ROOT)
 
-from soundreactor.serving.triton_model import TritonPythonModel  # noqa: E402
+try:
+    from soundreactor.serving.triton_model import TritonPythonModel
+except ModuleNotFoundError as err:
+    raise ModuleNotFoundError(
+        f"{{err}}: install soundreactor into the Python that runs Triton's Python backend, "
+        "or start the server with `soundreactor serve`"
+    ) from err
 
 __all__ = ["TritonPythonModel"]
 '''
@@ -123,8 +131,7 @@ def write_repository(
             path.unlink()
     config = config_pbtxt(name, dataclasses.replace(params, **stored), gpus, idle_timeout_s, queue_delay_us)
     (model_dir / "config.pbtxt").write_text(config)
-    root = str(Path(soundreactor.__file__).resolve().parents[1])
-    (model_dir / "1" / "model.py").write_text(MODEL_PY.format(root=root))
+    (model_dir / "1" / "model.py").write_text(MODEL_PY)
     return model_dir
 
 

@@ -24,6 +24,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import soundreactor
+from soundreactor.serving.repository import PACKAGE_ROOT_ENV
+
 SHM_DIR = Path("/dev/shm")
 INSTALL_HINT = (
     "install it with `pip install --no-deps nvidia-pytriton==0.7.0` (the server binary only), "
@@ -166,6 +169,9 @@ class TritonServer:
             self._tmp = tempfile.TemporaryDirectory(prefix="soundreactor_backends_")
             args.append(f"--backend-directory={_wheel_backends(wheel, Path(self._tmp.name))}")
             env = _wheel_env(wheel)
+        env[PACKAGE_ROOT_ENV] = str(
+            Path(soundreactor.__file__).resolve().parents[1]
+        )  # the model runs our code
         return [*args, *self.extra_args], env
 
     def start(self, timeout_s: float = 180.0) -> None:
