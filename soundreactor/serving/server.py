@@ -169,9 +169,8 @@ class TritonServer:
             self._tmp = tempfile.TemporaryDirectory(prefix="soundreactor_backends_")
             args.append(f"--backend-directory={_wheel_backends(wheel, Path(self._tmp.name))}")
             env = _wheel_env(wheel)
-        env[PACKAGE_ROOT_ENV] = str(
-            Path(soundreactor.__file__).resolve().parents[1]
-        )  # the model runs our code
+        package_root = Path(soundreactor.__file__).resolve().parents[1]
+        env[PACKAGE_ROOT_ENV] = str(package_root)  # the served model imports this very soundreactor
         return [*args, *self.extra_args], env
 
     def start(self, timeout_s: float = 180.0) -> None:
