@@ -461,7 +461,7 @@ class WavWriter:
             self._write(chunk)
         except sf.LibsndfileError as err:  # libsndfile reports a refused write (ENOSPC, EFBIG) without errno
             reason = err.error_string or "the system refused the write"
-            seconds = self.frames_written / self._file.samplerate
+            seconds = self.frames_on_disk() / self._file.samplerate  # part of this chunk may have landed
             raise OSError(
                 f"writing {shown_name(self.path)} failed ({reason}: is the disk full?); it holds the first "
                 f"{seconds:.2f} s of audio, complete up to there; free space and run again"

@@ -69,8 +69,9 @@ def video_to_wav(
     whose audio is not finite is not written: NonFiniteAudio says which one and what was kept. Raises Interrupted
     (a KeyboardInterrupt) saying what was kept.
     """
-    reader = video if isinstance(video, VideoReader) else VideoReader(video)
-    with reader:
+    if isinstance(video, VideoReader):  # the caller's to close (it may still keep the rest of a pipe)
+        return _generate(session, video, wav, fps, note)
+    with VideoReader(video) as reader:
         return _generate(session, reader, wav, fps, note)
 
 
