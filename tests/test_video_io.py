@@ -204,6 +204,11 @@ def test_an_output_the_file_system_refuses_at_open_is_one_error_line(tmp_path, s
     video = _levels_video(tmp_path / "clip.webm", LEVELS[:2])
     assert main(["run", "--video", str(video), "--out", "/proc/soundreactor-test.wav"]) == 2
     assert "/proc/soundreactor-test.wav" in _one_error_line(capsys)
+    wav = str(tmp_path / "a.wav")
+    assert main(["run", "--video", str(video), "--out", wav, "--mux", "/proc/soundreactor-test.mp4"]) == 2
+    assert "/proc/soundreactor-test.mp4" in _one_error_line(capsys)
+    assert main(["init", "--preset", "tiny", "--out", "/proc/soundreactor-test.safetensors"]) == 2
+    assert "/proc/soundreactor-test.safetensors" in _one_error_line(capsys)
 
 
 FULL_DISK = """
