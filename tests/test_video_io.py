@@ -278,3 +278,36 @@ def test_stream_reads_stdin_to_its_end_and_scales_frames_as_run_does(tmp_path, m
     assert FakeStreamClient.ends == [False] * (len(LEVELS) - 1) + [True]
     assert np.abs(np.subtract(_wav_levels(wav), LEVELS)).max() <= 3
     assert "frames are scaled to the served model's 24x32" in capsys.readouterr().out
+
+
+def test_the_real_cli_reads_a_pipe_as_it_reads_the_file(tmp_path):
+    """`cat clip | soundreactor run --video - ...` with the tiny model: the same audio as from the file."""
+    from soundreactor.model.soundreactor import init_model
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    init_model("tiny", seed=1)[0].save(checkpoint)
+    video = _levels_video(tmp_path / "clip.webm", LEVELS[:6], size=(32, 48))
+    run = [sys.executable, "-m", "soundreactor", "run", "--checkpoint", str(checkpoint), "--nfe", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(video, "rb") as pipe:
+        piped = subprocess.run(
+            [*run, "--video", "-", "--out", str(tmp_path / "pipe.wav"), "--mux", str(tmp_path / "pipe.mp4")],
+            stdin=pipe,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+    assert piped.returncode == 0, piped.stderr
+    from_file = subprocess.run(
+        [*run, "--video", str(video), "--out", str(tmp_path / "file.wav")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert from_file.returncode == 0, from_file.stderr
+    audio = soundfile.read(tmp_path / "pipe.wav")[0]
+    assert audio.shape == (6 * SAMPLES, 2) and np.abs(audio).max() > 0
+    np.testing.assert_array_equal(audio, soundfile.read(tmp_path / "file.wav")[0])
+    assert _muxed_frames(tmp_path / "pipe.mp4")[0] == 6
