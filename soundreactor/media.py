@@ -60,6 +60,19 @@ def video_streams(container) -> list:
     return [s for s in container.streams.video if not _is_attached_picture(s)]
 
 
+def first_video_stream(container, name: str):
+    """The stream `read_frames` reads; ValueError saying what the container holds instead when it has none."""
+    streams = video_streams(container)
+    if not streams:
+        kinds = sorted({s.type for s in container.streams if not _is_attached_picture(s)}) or ["nothing"]
+        pictures = len(container.streams.video)
+        cover = f" and {pictures} attached picture(s) (cover art, not video)" if pictures else ""
+        raise ValueError(
+            f"{name} has no video stream (it holds {', '.join(kinds)}{cover}); pass a video file"
+        )
+    return streams[0]
+
+
 class _Tee:
     """A one-way byte source for PyAV (no `seek`, so FFmpeg reads it once, in order) that copies what it reads
     into `copy` when given: the video read from a pipe is kept for muxing afterwards."""
@@ -102,7 +115,7 @@ class VideoReader:
         path = Path(source)
         if str(source) != STDIN:
             if path.is_dir():
-                raise ValueError(f"--video {path} is a folder: give a video file (MP4, MKV, WebM, ...)")
+                raise ValueError(f"{path} is a folder: give a video file (MP4, MKV, WebM, ...)")
             if not path.exists():
                 raise FileNotFoundError(f"video file not found: {path}")
         regular = str(source) != STDIN and path.is_file()
@@ -118,7 +131,7 @@ class VideoReader:
                 self._tee = _Tee(raw, self._keep)
                 self.container = av.open(self._tee, "r")
         except av.error.FFmpegError as e:
-            self._close_keep()
+            self.close()
             hint = (
                 "; a pipe is read once, front to back, so an MP4 needs its index first (`ffmpeg -movflags "
                 "+faststart` or fragmented MP4), or send MKV, WebM or MPEG-TS"
@@ -129,7 +142,8 @@ class VideoReader:
                 f"cannot read {self.name} as a video (expected MP4, MKV, WebM, ...): {e}{hint}"
             ) from e
         try:
-            self.stream = self._first_video_stream()
+            self.stream = first_video_stream(self.container, self.name)
+            self.stream.thread_type = "AUTO"
             self._decoded = self.container.decode(self.stream)
             try:
                 first = next(self._decoded, None)
@@ -142,20 +156,6 @@ class VideoReader:
             raise
         self._first = first
         self.info = self._info(first)
-
-    def _first_video_stream(self):
-        streams = video_streams(self.container)
-        if not streams:
-            kinds = sorted({s.type for s in self.container.streams if not _is_attached_picture(s)}) or [
-                "nothing"
-            ]
-            pictures = len(self.container.streams.video)
-            cover = f" and {pictures} attached picture(s) (cover art, not video)" if pictures else ""
-            raise ValueError(
-                f"{self.name} has no video stream (it holds {', '.join(kinds)}{cover}); pass a video file"
-            )
-        streams[0].thread_type = "AUTO"
-        return streams[0]
 
     def _info(self, first) -> VideoInfo:
         rate = self.stream.average_rate or self.stream.guessed_rate
@@ -190,16 +190,13 @@ class VideoReader:
         self.close()
         return self.replayable
 
-    def _close_keep(self) -> None:
-        if self._keep is not None:
-            self._keep.close()
-
     def close(self) -> None:
         if getattr(self, "container", None) is not None:
             self.container.close()
         if self._tee is not None and self._tee.source is not sys.stdin.buffer:
             self._tee.source.close()
-        self._close_keep()
+        if self._keep is not None:
+            self._keep.close()
 
     def __enter__(self) -> VideoReader:
         return self
@@ -221,16 +218,11 @@ def _open_video(path: str | Path):
         container = av.open(str(path))
     except av.error.FFmpegError as e:
         raise ValueError(f"cannot read {path} as a video (expected MP4, MKV, WebM, ...): {e}") from e
-    streams = video_streams(container)
-    if not streams:
-        kinds = sorted({s.type for s in container.streams if not _is_attached_picture(s)}) or ["nothing"]
-        pictures = len(container.streams.video)
+    try:
+        return container, first_video_stream(container, str(path))
+    except ValueError:
         container.close()
-        cover = f" and {pictures} attached picture(s) (cover art, not video)" if pictures else ""
-        raise ValueError(
-            f"{path} has no video stream (it holds {', '.join(kinds)}{cover}); pass a video file"
-        )
-    return container, streams[0]
+        raise
 
 
 @dataclass(frozen=True)

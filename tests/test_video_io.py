@@ -143,7 +143,7 @@ def test_live_capture_without_a_duration_is_read_to_its_end(tmp_path, stand_in, 
 def test_a_folder_as_video_says_so(tmp_path, stand_in, capsys):
     (tmp_path / "clips").mkdir()
     assert main(["run", "--video", str(tmp_path / "clips"), "--out", str(tmp_path / "a.wav")]) == 2
-    assert f"--video {tmp_path / 'clips'} is a folder: give a video file" in _one_error_line(capsys)
+    assert f"{tmp_path / 'clips'} is a folder: give a video file" in _one_error_line(capsys)
 
 
 def test_non_finite_audio_stops_the_run_and_keeps_what_was_good(tmp_path, monkeypatch, capsys):
