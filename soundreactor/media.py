@@ -448,7 +448,15 @@ class WavWriter:
                 raise RuntimeError(f"libsndfile {sf.__libsndfile_version__} refused command {command:#x}")
 
     def write(self, chunk: np.ndarray) -> None:
+        """Append a chunk; ValueError, writing nothing, if it holds NaN or infinite samples (no reader or encoder
+        downstream handles them: they play as noise or silence, or break a mix)."""
         chunk = _as_stereo(chunk)
+        if not np.isfinite(chunk).all():
+            seconds = self.frames_written / self._file.samplerate
+            raise ValueError(
+                f"audio holding NaN or infinite samples was not written to {shown_name(self.path)}, which holds "
+                f"the first {seconds:.2f} s"
+            )
         try:
             self._write(chunk)
         except sf.LibsndfileError as err:  # libsndfile reports a refused write (ENOSPC, EFBIG) without errno

@@ -586,3 +586,17 @@ def test_wav_writer_turns_refusals_into_errors_naming_the_file(tmp_path):
     with WavWriter(name) as out:
         out.write(np.zeros((2, 1600), np.float32))
     assert sf.info(os.fsencode(name)).frames == 1600
+
+
+def test_wav_writer_refuses_non_finite_chunks_keeping_the_rest(tmp_path):
+    with WavWriter(tmp_path / "a.wav") as out:
+        out.write(np.full((2, 1600), 0.25, np.float32))
+        for bad in (np.nan, np.inf, -np.inf):
+            chunk = np.zeros((2, 1600), np.float32)
+            chunk[0, 7] = bad
+            with pytest.raises(ValueError, match=r"NaN or infinite samples was not written to .*a\.wav"):
+                out.write(chunk)
+        out.write(np.full((2, 1600), 0.5, np.float32))
+    audio, _ = sf.read(tmp_path / "a.wav", dtype="float32")
+    assert audio.shape == (3200, 2) and np.isfinite(audio).all()
+    assert (audio[:1600] == 0.25).all() and (audio[1600:] == 0.5).all()
