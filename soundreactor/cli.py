@@ -126,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                 ) from None
             except (OSError, ValueError) as err:  # a disk filling up, a WAV holding NaN
                 raise ValueError(f"{err}; {args.mux} was not written, {out} is complete") from None
-            print(f"wrote {args.mux}")
+            print(f"wrote {shown_name(args.mux)}")
     finally:
         if copy is not None:
             copy.unlink(missing_ok=True)

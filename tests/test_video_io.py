@@ -99,7 +99,8 @@ def _muxed_frames(path: Path) -> tuple[int, float]:
 
 
 def test_run_reads_standard_input_once_and_muxes_it(tmp_path, stand_in, monkeypatch, capsys):
-    video = _levels_video(tmp_path / "clip.webm", LEVELS)
+    # a live capture (no duration in its header), as `ffmpeg -i camera -f webm -` sends it
+    video = _levels_video(tmp_path / "clip.webm", LEVELS, fmt="webm", options={"live": "1"})
     wav, mp4 = tmp_path / "out.wav", tmp_path / "out.mp4"
     with open(video, "rb") as pipe:
         monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": pipe})())
