@@ -554,17 +554,33 @@ def test_mux_never_feeds_nan_to_the_encoder(tmp_path, demo_mp4):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
 
 
-def test_mux_writes_a_visible_partial_and_replaces_a_stale_one(tmp_path, demo_mp4, monkeypatch):
-    """A SIGKILL mid-mux leaves `<out>.partial` in plain sight; the next mux to that name replaces it."""
+def test_mux_killed_midway_leaves_a_visible_partial_that_the_next_mux_replaces(tmp_path, demo_mp4):
+    """A real SIGKILL while muxing (held after the first audio packet): no out.mp4, a `out.mp4.partial` in plain
+    sight (not a hidden dot file); muxing again writes out.mp4 and leaves no partial."""
     write_wav(tmp_path / "a.wav", np.zeros((2, 48000), np.float32))
-    (tmp_path / "out.mp4.partial").write_bytes(b"left by a killed run")
-    written = []
-    real_open = av.open
-    monkeypatch.setattr(
-        av, "open", lambda path, *a, **k: (written.append(str(path)), real_open(path, *a, **k))[1]
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from soundreactor import media
+        packets = media._audio_packets
+        def held(*args, **kwargs):
+            for i, packet in enumerate(packets(*args, **kwargs)):
+                yield packet
+                if i == 0:
+                    print("muxing", flush=True)
+                    time.sleep(60)
+        media._audio_packets = held
+        media.mux({str(demo_mp4)!r}, {str(tmp_path / "a.wav")!r}, {str(tmp_path / "out.mp4")!r})
+        """
     )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "muxing"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "out.mp4.partial"]
     mux(demo_mp4, tmp_path / "a.wav", tmp_path / "out.mp4")
-    assert str(tmp_path / "out.mp4.partial") in written  # the name a user sees if the process dies
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "out.mp4"]
     with av.open(str(tmp_path / "out.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 30
