@@ -431,6 +431,10 @@ class WavWriter:
         self.frames_written = 0
         self.container = "WAV"
         self._on_switch = on_switch
+        try:  # opened here first for the OS's own reason (read-only, virtual file system): libsndfile's is vague
+            open(self.path, "wb").close()
+        except OSError as err:
+            raise OSError(f"cannot write {shown_name(self.path)}: {err.strerror}") from None
         try:
             self._file = sf.SoundFile(
                 os.fsencode(self.path),  # bytes: a name that is not valid UTF-8 is written as given
