@@ -119,6 +119,7 @@ def save_checkpoint(
     widens them back exactly, so the loaded model *is* the rounded one (evaluate that one, not the original).
     Raises ValueError for another dtype name.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -129,7 +130,10 @@ def save_checkpoint(
         narrow = STORAGE_DTYPES[float32_as]
         tensors = {k: v.to(narrow) if v.dtype == torch.float32 else v for k, v in tensors.items()}
         metadata[STORAGE_KEY] = float32_as
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:  # the OS refused the file (read-only or virtual file system, full disk)
+        raise OSError(f"cannot write the checkpoint {path}: {err}") from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:

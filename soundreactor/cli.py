@@ -10,22 +10,27 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from soundreactor.calibration.commands import add_commands as add_calibration_commands
 from soundreactor.config import PRESETS
 from soundreactor.engine.commands import add_commands as add_engine_commands
 from soundreactor.engine.tensorrt_env import TensorRTMissing
 from soundreactor.export.commands import add_commands as add_export_commands
-from soundreactor.outputs import check_outputs
+from soundreactor.outputs import MP4_SUFFIXES, WAV_SUFFIXES, check_outputs, check_suffix
 from soundreactor.serving.commands import add_commands as add_serving_commands
 from soundreactor.training.commands import add_commands as add_training_commands
 from soundreactor.training.evaluate import add_evaluate_command
 
+if TYPE_CHECKING:
+    from soundreactor.media import VideoInfo
+
 BACKENDS = ("torch", "cuda-graph", "onnxruntime", "tensorrt")
 
 
-def _session(args: argparse.Namespace):
-    """One stream on the requested backend: eager or CUDA-graph torch over a checkpoint, or an export directory."""
+def _session(args: argparse.Namespace, video: VideoInfo):
+    """One stream on the requested backend: eager or CUDA-graph torch over a checkpoint (sized to `video`), or an
+    export directory."""
     from soundreactor.runtime.session import Session
 
     if args.backend in ("onnxruntime", "tensorrt"):
@@ -44,7 +49,6 @@ def _session(args: argparse.Namespace):
 
     import torch
 
-    from soundreactor.media import probe_video
     from soundreactor.model.soundreactor import SoundReactor
 
     if not args.checkpoint:
@@ -54,8 +58,7 @@ def _session(args: argparse.Namespace):
             f"--device {args.device}: this torch {torch.__version__} sees no CUDA device; run on a GPU machine with "
             "a CUDA build of torch, or use --device cpu"
         )
-    info = probe_video(args.video)
-    model = SoundReactor.load(args.checkpoint, input_hw=(info.height, info.width))
+    model = SoundReactor.load(args.checkpoint, input_hw=(video.height, video.width))
     model.configure_sampling(nfe=args.nfe, guidance=args.guidance)
     if args.backend == "torch":
         from soundreactor.runtime.torch_backend import TorchStreams
@@ -89,24 +92,44 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from soundreactor.media import mux, probe_video
-    from soundreactor.pipeline import Interrupted, video_to_wav
+    from soundreactor.media import VideoReader, mux, shown_name
+    from soundreactor.pipeline import Interrupted, NonFiniteAudio, video_to_wav
 
     inputs = [("--video", args.video), ("--checkpoint", args.checkpoint), ("--engines", args.engines)]
     check_outputs([("--out", args.out), ("--mux", args.mux)], inputs)
-    probe_video(args.video)  # a missing or unreadable video fails before a model loads
-    session = _session(args)
-    report = video_to_wav(session, args.video, args.out)
-    print(f"wrote {args.out}")
+    check_suffix("--out", args.out, WAV_SUFFIXES, "a WAV file")
     if args.mux:
-        try:
-            for line in mux(args.video, args.out, args.mux):
-                print(f"  {line}")
-        except KeyboardInterrupt:
-            raise Interrupted(
-                f"interrupted while muxing: {args.mux} not written; {args.out} is complete"
-            ) from None
-        print(f"wrote {args.mux}")
+        check_suffix("--mux", args.mux, MP4_SUFFIXES, "an MP4 file")
+    out = shown_name(args.out)
+    unmuxed = f"; --mux {args.mux} was not written" if args.mux else ""
+    # A pipe's video is kept beside the MP4 as it is read, for muxing; a file is simply read again.
+    copy = Path(f"{args.mux}.video.partial") if args.mux else None
+    try:
+        # opened (and its first frame decoded) before a model loads, so a bad video costs nothing
+        with VideoReader(args.video, keep=copy) as reader:
+            session = _session(args, reader.info)
+            try:
+                report = video_to_wav(session, reader, args.out)
+            except Interrupted as err:
+                raise Interrupted(f"{err}{unmuxed}") from None
+            except NonFiniteAudio as err:
+                raise NonFiniteAudio(f"{err}{unmuxed}") from None
+            video = reader.finish()
+        print(f"wrote {out}")
+        if args.mux:
+            try:
+                for line in mux(video, args.out, args.mux):
+                    print(f"  {line}")
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    f"interrupted while muxing: {args.mux} was not written; {out} is complete"
+                ) from None
+            except (OSError, ValueError) as err:  # a disk filling up, a WAV holding NaN
+                raise ValueError(f"{err}; {args.mux} was not written, {out} is complete") from None
+            print(f"wrote {shown_name(args.mux)}")
+    finally:
+        if copy is not None:
+            copy.unlink(missing_ok=True)
     print(report.summary())
 
 
@@ -191,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
 
     run = sub.add_parser("run", help="generate audio for a video, frame by frame")
-    run.add_argument("--video", required=True)
+    run.add_argument("--video", required=True, help="video file, FIFO or pipe; - reads standard input")
     run.add_argument("--checkpoint", help="checkpoint (torch backends); checked against an export if given")
     run.add_argument("--backend", choices=BACKENDS, default="torch")
     run.add_argument("--engines", metavar="DIR", help="export directory (onnxruntime, tensorrt backends)")
@@ -203,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="cuda-graph VAE decoder precision (bf16 costs audio accuracy: README, Many streams on one GPU)",
     )
-    run.add_argument("--out", required=True, help="output WAV (48 kHz stereo)")
-    run.add_argument("--mux", help="also write a copy of the video with the audio muxed in")
+    run.add_argument("--out", required=True, help="output WAV (48 kHz stereo), named .wav")
+    run.add_argument("--mux", help="also write a copy of the video with the audio muxed in, named .mp4")
     run.add_argument("--nfe", type=int, choices=(1, 2, 4))
     run.add_argument("--guidance", type=float)
     run.add_argument("--seed", type=int, default=0)

@@ -70,3 +70,18 @@ def check_outputs(
         if path.exists() and not directories and not os.access(path, os.W_OK):
             raise OutputPathError(f"{flag} {path} exists and is not writable")
         seen.append((flag, path))
+
+
+WAV_SUFFIXES = (".wav",)
+MP4_SUFFIXES = (".mp4", ".m4v")
+
+
+def check_suffix(flag: str, path: str | Path, suffixes: tuple[str, ...], kind: str) -> None:
+    """Refuse an output name whose extension says another format than the `kind` written to it (players pick
+    the decoder from the extension, so `a.mp3` holding a WAV would not play)."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        named = f"{path.suffix!r} names another format" if path.suffix else "it has no extension"
+        raise OutputPathError(
+            f"{flag} {path}: {kind} is written there but {named}; name it {path.with_suffix(suffixes[0]).name}"
+        )

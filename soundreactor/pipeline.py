@@ -1,4 +1,4 @@
-"""Video file in, audio file out, through any streaming session, with per-frame latency statistics."""
+"""Video in (a file or a pipe), audio file out, through any streaming session, with per-frame latency statistics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from soundreactor.media import WavWriter, probe_video, read_frames
+from soundreactor.media import VideoReader, WavWriter
 from soundreactor.runtime.session import Session
 
 
@@ -48,43 +48,67 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during a run; the message says what was kept on disk."""
 
 
+class NonFiniteAudio(ValueError):
+    """The session produced NaN or infinite samples; the message says which frame and what was kept."""
+
+
 def video_to_wav(
     session: Session,
-    video: str | Path,
+    video: str | Path | VideoReader,
     wav: str | Path,
     fps: int = 30,
     note: Callable[[str], None] = tqdm.write,
 ) -> LatencyReport:
     """Stream every frame of `video` through `session`, appending audio to `wav` as it is produced.
 
-    Frames are read as displayed and scaled to the session's frame size, so a video of another size, or one
-    whose size changes partway, is covered in full (`note` is told when scaling happens, and when the WAV
-    switches to RF64). Audio already written stays valid on disk if a later frame fails or the process is
-    interrupted or killed (see WavWriter). Raises Interrupted (a KeyboardInterrupt) saying what was kept.
+    `video` is a path or an open `VideoReader` (a pipe is read once: open it, size the session from its `info`,
+    and pass it here). Frames are read as displayed and scaled to the session's frame size, so a video of another
+    size, or one whose size changes partway, is covered in full (`note` is told when scaling happens, and when the
+    WAV switches to RF64). Frames are read to the source's end, whatever its header says. Audio already written
+    stays valid on disk if a later frame fails or the process is interrupted or killed (see WavWriter). A frame
+    whose audio is not finite is not written: NonFiniteAudio says which one and what was kept. Raises Interrupted
+    (a KeyboardInterrupt) saying what was kept.
     """
-    info = probe_video(video)
+    if isinstance(video, VideoReader):  # the caller's to close (it may still keep the rest of a pipe)
+        return _generate(session, video, wav, fps, note)
+    with VideoReader(video) as reader:
+        return _generate(session, reader, wav, fps, note)
+
+
+def _generate(
+    session: Session, reader: VideoReader, wav: str | Path, fps: int, note: Callable[[str], None]
+) -> LatencyReport:
+    info = reader.info
     if (info.height, info.width) != tuple(session.frame_hw):
         h, w = session.frame_hw
         note(
-            f"{video} is {info.height}x{info.width} as displayed: frames are scaled to the session's {h}x{w}"
+            f"{reader.name} is {info.height}x{info.width} as displayed: frames are scaled to the session's {h}x{w}"
         )
     times = []
     with WavWriter(wav, sample_rate=session.sample_rate, on_switch=note) as out:
+
+        def kept() -> str:
+            seconds = out.frames_on_disk() / session.sample_rate
+            return f"kept {seconds:.2f} s of audio in {wav} ({out.container}, complete up to there)"
+
         try:
             frames = tqdm(
-                read_frames(video, fps=fps, size=session.frame_hw),
-                total=round(info.duration_s * fps),
+                reader.frames(fps=fps, size=session.frame_hw),
+                total=round(info.duration_s * fps) or None,  # a header without a duration bounds nothing
                 unit="frame",
                 desc="generating",
             )
-            for frame in frames:
+            for index, frame in enumerate(frames):
                 start = time.perf_counter()
                 audio = session.step(frame)
                 times.append(time.perf_counter() - start)
+                if not np.isfinite(audio).all():
+                    raise NonFiniteAudio(
+                        f"the model produced NaN or infinite audio at frame {index} ({index / fps:.2f} s into "
+                        f"{reader.name}); stopped and {kept()}. Check that the checkpoint's weights are finite; "
+                        "with --backend cuda-graph, try --dtype fp32"
+                    )
                 out.write(audio)
         except KeyboardInterrupt:
-            seconds = out.frames_on_disk() / session.sample_rate
-            raise Interrupted(
-                f"interrupted: kept {seconds:.2f} s of audio in {wav} ({out.container}, complete up to there)"
-            ) from None
+            raise Interrupted(f"interrupted: {kept()}") from None
     return LatencyReport.from_times(times, fps)

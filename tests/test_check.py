@@ -15,7 +15,7 @@ from test_export import FRAME_HW, export_once, run_command
 from soundreactor.cli import main
 from soundreactor.demo_video import make_demo_video
 from soundreactor.export.check import TENSORRT_OPS, check_export_dir, check_model
-from soundreactor.export.manifest import ExportDirError, file_sha256
+from soundreactor.export.manifest import ExportDirError, file_sha256, load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +237,41 @@ def test_external_data_not_in_files_fails_the_check(exported, tmp_path):
         "manifest: external data file 'sampler.weights' is not listed (with its sha256) in files" in problems
     )
     assert not report.ok
+
+
+def hub_snapshot(exported: Path, cache: Path) -> Path:
+    """The export as huggingface_hub caches a download: `snapshots/<rev>/<name>` symlinks to
+    `../../blobs/<sha256>`, the files themselves in `blobs/`."""
+    blobs, snapshot = cache / "blobs", cache / "snapshots" / "4f1c0e2"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in exported.iterdir():
+        digest = file_sha256(file)
+        shutil.copyfile(file, blobs / digest)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / digest)
+    return snapshot
+
+
+def test_a_hugging_face_cache_snapshot_of_symlinks_loads(exported, tmp_path):
+    import numpy as np
+
+    from soundreactor.runtime.onnxruntime_backend import OrtStreams
+
+    snapshot = hub_snapshot(exported, tmp_path / "models--someone--soundreactor")
+    assert load_manifest(snapshot) == load_manifest(exported)
+    assert check_export_dir(snapshot).ok
+    cached, plain = OrtStreams(snapshot, seed=4), OrtStreams(exported, seed=4)
+    frames = np.random.default_rng(0).integers(0, 256, (plain.slots, *plain.frame_hw, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(cached.step(frames), plain.step(frames))  # the same graphs, the same audio
+
+
+def test_a_snapshot_link_leaving_the_cache_is_refused(exported, tmp_path):
+    snapshot = hub_snapshot(exported, tmp_path / "models--someone--soundreactor")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    weights = next(p.name for p in exported.iterdir() if p.suffix == ".weights")
+    shutil.copyfile(exported / weights, elsewhere / weights)  # same bytes, same hash: only the place is wrong
+    (snapshot / weights).unlink()
+    (snapshot / weights).symlink_to(elsewhere / weights)
+    with pytest.raises(ExportDirError, match=rf"'{re.escape(weights)}' is a link that resolves outside"):
+        load_manifest(snapshot)

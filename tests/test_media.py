@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from fractions import Fraction
 
 import av
@@ -16,6 +17,7 @@ from soundreactor.demo_video import demo_frames, make_demo_video
 from soundreactor.media import (
     TIMESTAMP_TOLERANCE,
     WAV_SIZE_LIMIT,
+    VideoReader,
     WavWriter,
     mux,
     pick_video_encoder,
@@ -451,3 +453,166 @@ def test_wav_past_4_gib_switches_to_rf64_and_says_so(tmp_path):
     assert head[:4] == b"RF64" and head[8:12] == b"WAVE"
     info = sf.info(str(path))  # the whole length, which a 32-bit WAV header cannot state
     assert info.format == "RF64" and info.frames * 8 > 2**32 - 1024
+
+
+# Mirrored display matrices (a selfie camera's, or an editor's flip): a b c d of the 3x3 matrix in 16.16, the
+# translation placing the picture; and how the stored frame is shown. The matrix maps stored (x, y) to
+# (a x + c y, b x + d y) on screen (libavutil/display.h), so a < 0 flips columns and d < 0 flips rows.
+ONE = 1 << 16
+MIRRORS = {
+    "hflip": ((-ONE, 0, 0, 0, ONE, 0, 48 << 16, 0, 1 << 30), lambda f: f[:, ::-1], 0),
+    "vflip": ((ONE, 0, 0, 0, -ONE, 0, 0, 32 << 16, 1 << 30), lambda f: f[::-1], 180),
+    "transpose": ((0, ONE, 0, ONE, 0, 0, 0, 0, 1 << 30), lambda f: f.transpose(1, 0, 2), 90),
+    "antitranspose": (
+        (0, -ONE, 0, -ONE, 0, 0, 32 << 16, 48 << 16, 1 << 30),
+        lambda f: f.transpose(1, 0, 2)[::-1, ::-1],
+        270,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIRRORS))
+def test_mirrored_clip_reaches_the_model_as_displayed(tmp_path, name):
+    stored = _marked_frame(32, 48)
+    path = _encode(tmp_path / "mirror.mp4", [stored] * 3)
+    matrix, display, degrees = MIRRORS[name]
+    _set_display_matrix(path, matrix)
+    expected = display(stored)
+    info = probe_video(path)
+    assert (info.height, info.width, info.rotation, info.mirrored) == (*expected.shape[:2], degrees, True)
+    frames = list(read_frames(path))
+    assert len(frames) == 3 and frames[0].shape == expected.shape
+    assert np.abs(frames[0].astype(int) - expected).mean() < 6
+    # Rotation alone would put the bright block in another corner.
+    assert np.abs(frames[0].astype(int) - np.rot90(stored, -degrees // 90)).mean() > 30
+
+
+def test_video_from_a_fifo_is_read_once_in_one_pass(tmp_path, demo_mp4):
+    """A FIFO can be read once: the reader takes size and frames from one open (reopening would block)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(demo_mp4.read_bytes()))
+    writer.start()
+    try:
+        with VideoReader(fifo, keep=tmp_path / "copy.mp4") as reader:
+            assert (reader.info.height, reader.info.width) == SIZE
+            frames = list(reader.frames())
+            assert reader.finish() == tmp_path / "copy.mp4"
+    finally:
+        writer.join(timeout=30)
+    expected = list(read_frames(demo_mp4))
+    assert len(frames) == len(expected) == 30
+    assert all(np.array_equal(a, b) for a, b in zip(frames, expected, strict=True))
+    assert (tmp_path / "copy.mp4").read_bytes() == demo_mp4.read_bytes()  # every byte kept, for muxing
+
+
+def test_a_folder_is_not_called_missing(tmp_path):
+    with pytest.raises(ValueError, match="is a folder: give a video file"):
+        probe_video(tmp_path)
+
+
+def test_mux_copies_av1_whose_decoder_has_another_name(tmp_path):
+    """FFmpeg decodes AV1 with libdav1d: the stream is still AV1, which MP4 holds, so it is copied."""
+    try:
+        encoder = next(n for n in ("libsvtav1", "libaom-av1", "librav1e") if _has_encoder(n))
+    except StopIteration:
+        pytest.skip("this FFmpeg build has no AV1 encoder to make the test clip")
+    video = _encode(tmp_path / "av1.mkv", [np.full((64, 64, 3), 10 * i, np.uint8) for i in range(6)], encoder)
+    write_wav(tmp_path / "a.wav", np.zeros((2, 9600), np.float32))
+    lines = mux(video, tmp_path / "a.wav", tmp_path / "out.mp4")
+    assert lines == ["video stream 0 (av1): copied"]
+    assert _stream_kinds(tmp_path / "out.mp4")[0][0] == "video"
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert c.streams.video[0].codec_context.codec.canonical_name == "av1"
+        assert sum(1 for _ in c.decode(video=0)) == 6
+
+
+def _has_encoder(name: str) -> bool:
+    try:
+        av.codec.Codec(name, "w")
+    except av.codec.codec.UnknownCodecError:
+        return False
+    return True
+
+
+def test_a_one_pixel_wide_video_muxes(tmp_path):
+    """VP8 is re-encoded for MP4; yuv420p needs even sides, which must round up to 2, never down to 0."""
+    video = _encode(tmp_path / "thin.webm", [np.full((8, 1, 3), 100, np.uint8)] * 4, "libvpx")
+    write_wav(tmp_path / "a.wav", np.zeros((2, 6400), np.float32))
+    mux(video, tmp_path / "a.wav", tmp_path / "out.mp4")
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        frames = list(c.decode(video=0))
+    assert len(frames) == 4 and (frames[0].width, frames[0].height) == (2, 8)
+
+
+def test_mux_never_feeds_nan_to_the_encoder(tmp_path, demo_mp4):
+    audio = np.zeros((2, 48000), np.float32)
+    audio[1, 24000] = np.nan
+    write_wav(tmp_path / "a.wav", audio)
+    with pytest.raises(ValueError, match=r"a\.wav holds NaN or infinite samples \(0\.50 s in\)"):
+        mux(demo_mp4, tmp_path / "a.wav", tmp_path / "out.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
+
+
+def test_mux_killed_midway_leaves_a_visible_partial_that_the_next_mux_replaces(tmp_path, demo_mp4):
+    """A real SIGKILL while muxing (held after the first audio packet): no out.mp4, a `out.mp4.partial` in plain
+    sight (not a hidden dot file); muxing again writes out.mp4 and leaves no partial."""
+    write_wav(tmp_path / "a.wav", np.zeros((2, 48000), np.float32))
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from soundreactor import media
+        packets = media._audio_packets
+        def held(*args, **kwargs):
+            for i, packet in enumerate(packets(*args, **kwargs)):
+                yield packet
+                if i == 0:
+                    print("muxing", flush=True)
+                    time.sleep(60)
+        media._audio_packets = held
+        media.mux({str(demo_mp4)!r}, {str(tmp_path / "a.wav")!r}, {str(tmp_path / "out.mp4")!r})
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "muxing"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "out.mp4.partial"]
+    mux(demo_mp4, tmp_path / "a.wav", tmp_path / "out.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "out.mp4"]
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 30
+
+
+def test_mux_refuses_a_name_that_is_not_mp4(tmp_path, demo_mp4):
+    write_wav(tmp_path / "a.wav", np.zeros((2, 1600), np.float32))
+    with pytest.raises(ValueError, match=r"'\.mkv' names another format; name it out\.mp4"):
+        mux(demo_mp4, tmp_path / "a.wav", tmp_path / "out.mkv")
+    assert not (tmp_path / "out.mkv").exists()
+
+
+def test_wav_writer_turns_refusals_into_errors_naming_the_file(tmp_path):
+    with pytest.raises(OSError, match=r"cannot write /proc/soundreactor\.wav"):
+        WavWriter("/proc/soundreactor.wav")  # a virtual file system: no new files, whoever we are
+    with pytest.raises(ValueError, match=r"'\.flac' names another format"):
+        WavWriter(tmp_path / "a.flac")
+    name = tmp_path / os.fsdecode(b"\xff.wav")
+    with WavWriter(name) as out:
+        out.write(np.zeros((2, 1600), np.float32))
+    assert sf.info(os.fsencode(name)).frames == 1600
+
+
+def test_wav_writer_refuses_non_finite_chunks_keeping_the_rest(tmp_path):
+    with WavWriter(tmp_path / "a.wav") as out:
+        out.write(np.full((2, 1600), 0.25, np.float32))
+        for bad in (np.nan, np.inf, -np.inf):
+            chunk = np.zeros((2, 1600), np.float32)
+            chunk[0, 7] = bad
+            with pytest.raises(ValueError, match=r"NaN or infinite samples was not written to .*a\.wav"):
+                out.write(chunk)
+        out.write(np.full((2, 1600), 0.5, np.float32))
+    audio, _ = sf.read(tmp_path / "a.wav", dtype="float32")
+    assert audio.shape == (3200, 2) and np.isfinite(audio).all()
+    assert (audio[:1600] == 0.25).all() and (audio[1600:] == 0.5).all()

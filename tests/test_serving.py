@@ -318,12 +318,16 @@ def test_stream_command_writes_the_served_audio(server, local, tmp_path, capsys)
     assert rate == 48000
     expected = local(0, 501, frames)  # [n, 2, 1600] -> [n * 1600, 2]
     np.testing.assert_allclose(audio, expected.transpose(0, 2, 1).reshape(-1, 2), rtol=0, atol=ATOL)
-    other = make_demo_video(tmp_path / "big.mp4", seconds=0.1, size=(32, 48))
+    capsys.readouterr()
+    other = make_demo_video(
+        tmp_path / "big.mp4", seconds=0.1, size=(32, 48)
+    )  # scaled to 28x42, as `run` does
     assert (
         main(["stream", "--url", server.grpc_url, "--video", str(other), "--out", str(tmp_path / "x.wav")])
-        == 2
+        == 0
     )
-    assert "the served model takes 28x42 frames" in capsys.readouterr().err
+    assert "frames are scaled to the served model's 28x42" in capsys.readouterr().out
+    assert sf.info(tmp_path / "x.wav").frames == 3 * 1600
 
 
 def _children(pid: int) -> list[int]:

@@ -63,6 +63,8 @@ def test_bad_frames_leave_the_stream_intact(model, frames):
         (np.full(frames[0].shape, np.nan, np.float32), "NaN"),
         (frames[0].astype(np.float32), r"\[0, 1\]"),  # float but 0..255
         (frames[:2], "one frame"),  # a batch where one frame belongs
+        (torch.from_numpy(frames[0]).to(torch.bfloat16) / 255, "bfloat16 have no numpy equivalent"),
+        (torch.empty(frames[0].shape, dtype=torch.uint8, device="meta"), "meta-device tensor"),
     ]
     for i, frame in enumerate(frames[:12]):
         bad, message = bad_inputs[i % len(bad_inputs)]

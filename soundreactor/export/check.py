@@ -8,7 +8,11 @@ installed, each graph is also parsed by it (through polygraphy).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,10 +361,28 @@ def tensorrt_parse(paths: list[Path]) -> str:
     return f"FAILED {'; '.join(failed)}" if failed else f"ok ({len(paths)} graphs)"
 
 
+def _external_files(model: onnx.ModelProto) -> set[str]:
+    return {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+
+
+@contextmanager
+def _unlinked(directory: Path, names: list[str]) -> Iterator[Path]:
+    """A folder holding `names` as regular files: `directory` itself unless one is a symlink (a cache snapshot's
+    layout, which load_manifest admits). onnx.checker refuses external data that is a symlink or has several hard
+    links, so such a graph is checked on copies in a temporary folder (the hashes already proved them whole)."""
+    if not any((directory / name).is_symlink() for name in names):
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix="soundreactor-check-") as folder:
+        for name in names:
+            shutil.copyfile(directory / name, Path(folder) / name)
+        yield Path(folder)
+
+
 def unhashed_external_data(model: onnx.ModelProto, manifest: Manifest) -> list[str]:
     """Weight files a graph reads that the manifest does not hash: every file loaded must be checked. (ONNX
     Runtime itself refuses external data outside the graph's folder.)"""
-    locations = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    locations = _external_files(model)
     return [
         f"manifest: external data file {name!r} is not listed (with its sha256) in files"
         for name in sorted(locations - set(manifest.files))
@@ -374,7 +396,8 @@ def check_export_dir(directory: str | Path) -> CheckReport:
     for spec in manifest.graphs:
         path = directory / spec.file
         model = onnx.load(str(path), load_external_data=False)
-        problems = check_model(model, path)
+        with _unlinked(directory, [spec.file, *_external_files(model)]) as plain:
+            problems = check_model(model, plain / spec.file)
         io = io_mismatches(
             spec, list(map(describe, model.graph.input)), list(map(describe, model.graph.output))
         )

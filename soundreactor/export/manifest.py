@@ -105,19 +105,31 @@ def file_sha256(path: str | Path) -> str:
 
 
 def member_path(directory: Path, name: object, field: str) -> Path:
-    """`directory / name` for a file name taken from a manifest or sidecar, refused unless it stays inside
-    `directory`: no absolute paths, no `..`, no symlink that resolves outside."""
+    """`directory / name` for a file name taken from a manifest or sidecar, refused unless it stays inside the
+    export: no absolute paths, no `..`, and a symlink must resolve inside `directory` or beside the file
+    `directory`'s manifest.json resolves to. The second is the layout of content-addressed caches (the Hugging
+    Face Hub's `snapshots/<rev>/<name> -> ../../blobs/<sha256>`), and the rule ONNX Runtime applies to a graph's
+    external data (its folder, or the folder of the graph file's real path)."""
     if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
         raise ExportDirError(f"{field}: {name!r} is not a file name; {REEXPORT}")
     parts = Path(name).parts
     if Path(name).is_absolute() or ".." in parts:
         raise ExportDirError(f"{field}: {name!r} points outside the export directory; {REEXPORT}")
     path = directory / name
-    if not path.resolve().is_relative_to(directory.resolve()):
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in export_roots(directory)):
         raise ExportDirError(
-            f"{field}: {name!r} is a link that resolves outside the export directory; {REEXPORT}"
+            f"{field}: {name!r} is a link that resolves outside the export directory ({target}) and outside "
+            f"the folder its manifest.json resolves to; {REEXPORT}"
         )
     return path
+
+
+def export_roots(directory: Path) -> tuple[Path, ...]:
+    """Where an export's files may really lie: the directory, and the folder its manifest.json resolves to (a
+    cache's blob folder when the export is a snapshot of symlinks)."""
+    directory = directory.resolve()
+    return directory, (directory / MANIFEST_NAME).resolve().parent
 
 
 def _require(ok: bool, field: str, wanted: str, value: object) -> None:

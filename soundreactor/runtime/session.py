@@ -31,7 +31,18 @@ def check_frames(
     `size_fix` tells the user what to do about a frame of another size (backends built for one size differ).
     """
     if hasattr(frames, "detach"):  # a torch tensor, without importing torch here
-        frames = frames.detach().cpu().numpy()
+        if frames.device.type == "meta":
+            raise FrameError(
+                f"frames are a meta-device tensor {tuple(frames.shape)}: it has a shape but no pixels; "
+                "pass the decoded frames (load the tensor on cpu or cuda)"
+            )
+        try:
+            frames = frames.detach().cpu().numpy()
+        except TypeError as err:  # dtypes numpy lacks: bfloat16, float8
+            raise FrameError(
+                f"frames of dtype {frames.dtype} have no numpy equivalent ({err}): pass frames.float() "
+                "(values in 0..1) or frames.to(torch.uint8) (0..255)"
+            ) from None
     if not isinstance(frames, np.ndarray):
         raise FrameError(f"frames must be a numpy array or torch tensor, got {type(frames).__name__}")
     h, w = frame_hw

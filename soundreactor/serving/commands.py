@@ -119,50 +119,53 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_stream(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from soundreactor.media import SAMPLE_RATE, WavWriter, probe_video, read_frames
-    from soundreactor.outputs import check_outputs
+    from soundreactor.media import SAMPLE_RATE, VideoReader, WavWriter, shown_name
+    from soundreactor.outputs import WAV_SUFFIXES, check_outputs, check_suffix
     from soundreactor.pipeline import LatencyReport
     from soundreactor.serving.client import StreamClient, StreamError, StreamLost, StreamTimeout
 
     check_outputs([("--out", args.out)], [("--video", args.video)])
-    info = probe_video(args.video)
+    check_suffix("--out", args.out, WAV_SUFFIXES, "a WAV file")
     period = 0.0 if args.no_pace else 1.0 / FPS
     times: list[float] = []
     out = None  # opened with the first audio: a stream that fails before it leaves no file
-    try:
-        with StreamClient(args.url, args.model, args.sequence_id, args.timeout_s) as stream:
-            served = stream.frame_hw()
-            if served != (info.height, info.width):
-                raise ValueError(
-                    f"the served model takes {served[0]}x{served[1]} frames, {args.video} is "
-                    f"{info.height}x{info.width}: resize the video, or serve a repository made with "
-                    f"`soundreactor triton-repo --frame-size {info.height}x{info.width}`"
-                )
-            frames = read_frames(args.video, fps=FPS)
-            total = round(info.duration_s * FPS)
-            start = time.perf_counter()
-            frame = next(frames, None)
-            for index in tqdm(range(total), unit="frame", desc="streaming"):
-                if frame is None:
-                    break
-                following = next(frames, None)  # the last frame carries END, freeing the slot at once
-                time.sleep(max(0.0, start + index * period - time.perf_counter()))
-                sent = time.perf_counter()
-                audio = stream.step(frame, end=following is None)
-                times.append(time.perf_counter() - sent)
-                if out is None:
-                    out = WavWriter(args.out, sample_rate=SAMPLE_RATE)
-                out.write(audio)
-                frame = following
-    except (StreamError, StreamLost, StreamTimeout) as err:
-        written = f"{len(times)} frames written to {args.out}" if times else f"nothing written to {args.out}"
-        raise _fail(f"{err} ({written})") from None
-    finally:
-        if out is not None:
-            out.close()
+    # opened once, read in one pass (a pipe or standard input works as a file does)
+    with VideoReader(args.video) as reader:
+        info = reader.info
+        try:
+            with StreamClient(args.url, args.model, args.sequence_id, args.timeout_s) as stream:
+                served = stream.frame_hw()
+                if served != (info.height, info.width):  # scaled as `run` scales frames to its session
+                    tqdm.write(
+                        f"{reader.name} is {info.height}x{info.width} as displayed: frames are scaled to the "
+                        f"served model's {served[0]}x{served[1]}"
+                    )
+                frames = reader.frames(fps=FPS, size=served)
+                total = round(info.duration_s * FPS) or None  # a header's duration only sizes the bar
+                with tqdm(total=total, unit="frame", desc="streaming") as progress:
+                    start = time.perf_counter()
+                    frame, index = next(frames, None), 0
+                    while frame is not None:  # to the video's end, whatever its header says
+                        following = next(frames, None)  # the last frame carries END, freeing the slot at once
+                        time.sleep(max(0.0, start + index * period - time.perf_counter()))
+                        sent = time.perf_counter()
+                        audio = stream.step(frame, end=following is None)
+                        times.append(time.perf_counter() - sent)
+                        if out is None:
+                            out = WavWriter(args.out, sample_rate=SAMPLE_RATE)
+                        out.write(audio)
+                        frame, index = following, index + 1
+                        progress.update()
+        except (StreamError, StreamLost, StreamTimeout) as err:
+            shown = shown_name(args.out)
+            written = f"{len(times)} frames written to {shown}" if times else f"nothing written to {shown}"
+            raise _fail(f"{err} ({written})") from None
+        finally:
+            if out is not None:
+                out.close()
     if not times:
-        raise ValueError(f"{args.video} has no frames to stream: nothing written to {args.out}")
-    print(f"wrote {args.out}")
+        raise ValueError(f"{reader.name} has no frames to stream: nothing written to {shown_name(args.out)}")
+    print(f"wrote {shown_name(args.out)}")
     print(LatencyReport.from_times(times, FPS).summary())
 
 
@@ -230,7 +233,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     stream.add_argument(
         "--url", required=True, help="HOST[:PORT] of the server's gRPC endpoint (port 8001 if not given)"
     )
-    stream.add_argument("--video", required=True)
+    stream.add_argument("--video", required=True, help="video file, FIFO or pipe; - reads standard input")
     stream.add_argument("--out", required=True, help="output WAV (48 kHz stereo), written as audio arrives")
     stream.add_argument("--model", default="soundreactor")
     stream.add_argument("--sequence-id", type=correlation_id,
