@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from soundreactor import files
 from soundreactor.config import ModelConfig
 
 FORMAT = "soundreactor/1"
@@ -113,7 +114,7 @@ def save_checkpoint(
     extra: dict[str, str] | None = None,
     float32_as: str | None = None,
 ) -> None:
-    """Write our format; `extra` adds string metadata (e.g. the training config), which loaders ignore.
+    """Write our format (whole or not at all, mode 0666 & ~umask: see `files`); `extra` adds string metadata (e.g. the training config), which loaders ignore.
 
     `float32_as` ("float16" or "bfloat16") stores every float32 tensor in that dtype, half the file: the loader
     widens them back exactly, so the loaded model *is* the rounded one (evaluate that one, not the original).
@@ -129,7 +130,7 @@ def save_checkpoint(
         narrow = STORAGE_DTYPES[float32_as]
         tensors = {k: v.to(narrow) if v.dtype == torch.float32 else v for k, v in tensors.items()}
         metadata[STORAGE_KEY] = float32_as
-    save_file(tensors, str(path), metadata=metadata)
+    files.atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
 
 
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:

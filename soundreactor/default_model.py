@@ -59,12 +59,13 @@ def publish(source: str | Path, checkpoint: Path = CHECKPOINT, report: Path = RE
     """Write `source`'s weights to `checkpoint` (float32 stored as float16), then the evaluation of that file, as
     loaded, to `report`. Returns the report."""
     from soundreactor.checkpoint import load_checkpoint, save_checkpoint
+    from soundreactor.files import write_text
 
     config, tensors = load_checkpoint(source)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint, config, tensors, {"source": Path(source).name}, float32_as="float16")
     figures = evaluate_default(checkpoint)
-    report.write_text(json.dumps(figures, indent=2) + "\n")
+    write_text(report, json.dumps(figures, indent=2) + "\n")
     return figures
 
 

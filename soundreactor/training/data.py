@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from soundreactor.files import atomic_write
 from soundreactor.media import SAMPLE_RATE, probe_video, read_frames
 from soundreactor.model.frames import FramePreprocess
 from soundreactor.training.synthetic import FPS, SAMPLES_PER_FRAME, Clip
@@ -190,16 +189,8 @@ class GridCache:
         # Rounded to the stored dtype, so a run gets the same values whether the cache was warm or cold.
         grids = clip_grids(self.model, frames).to(self.dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(
-                {"grids": grids.cpu().contiguous()},
-                tmp,
-                metadata={"clip_id": clip_id, "shape": json.dumps(list(grids.shape))},
-            )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        metadata = {"clip_id": clip_id, "shape": json.dumps(list(grids.shape))}
+        atomic_write(
+            path, lambda temp: save_file({"grids": grids.cpu().contiguous()}, str(temp), metadata=metadata)
+        )
         return grids.float()

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from soundreactor.files import atomic_write
 from soundreactor.training.train_config import TrainConfig
 
 STATE = "state.pt"
@@ -82,13 +83,6 @@ def default_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through `path.tmp` then rename: a crash mid-write leaves the previous file intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def plot_log(log_path: Path, png_path: Path) -> None:

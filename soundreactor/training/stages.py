@@ -21,7 +21,7 @@ from soundreactor.model.soundreactor import SoundReactor
 from soundreactor.training import diffusion, ect
 from soundreactor.training.data import GridCache, VideoFolder, clip_grids
 from soundreactor.training.evaluate import VALIDATION_SEED, evaluate_vae
-from soundreactor.training.loop import Task, atomic_write, step_generator
+from soundreactor.training.loop import Task, step_generator
 from soundreactor.training.synthetic import SyntheticAV
 from soundreactor.training.train_config import TrainConfig
 from soundreactor.training.vae import VAETrainee, calibrated_init, folded_state, warmup
@@ -55,7 +55,7 @@ def clip_id(clips, i: int) -> str:
 
 
 def _save(model: SoundReactor, config: ModelConfig, path: Path, extra: dict[str, str]) -> None:
-    atomic_write(path, lambda p: save_checkpoint(p, config, model.state_dict(), extra))
+    save_checkpoint(path, config, model.state_dict(), extra)
 
 
 class Features:
