@@ -107,6 +107,11 @@ class VideoFolder(torch.utils.data.Dataset):
         stat = path.stat()
         return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{start}|{self.n_frames}"
 
+    def clip_name(self, i: int) -> str:
+        """Where item i comes from, for messages: the file and its frames at 30 fps."""
+        path, start = self.items[i]
+        return f"{path} frames {start}..{start + self.n_frames - 1}"
+
     def __getitem__(self, i: int) -> Clip:
         if not 0 <= i < len(self.items):
             raise IndexError(f"clip index {i} out of range for a VideoFolder of {len(self.items)} clips")

@@ -54,6 +54,18 @@ def clip_id(clips, i: int) -> str:
     return clips.clip_id(i)
 
 
+def clip_names(clips, cfg: TrainConfig):
+    """Task.clips: the names of the clips a step draws (the first draw of its generator, as in every batch)."""
+
+    def names(step: int, part: slice) -> list[str]:
+        indices = torch.randint(len(clips), (cfg.batch_size,), generator=step_generator(cfg.seed, step))
+        if isinstance(clips, SyntheticAV):
+            return [f"synthetic clip {i} (seed {clips.clip_seed(i)})" for i in indices[part].tolist()]
+        return [clips.clip_name(i) for i in indices[part].tolist()]
+
+    return names
+
+
 def _save(model: SoundReactor, config: ModelConfig, path: Path, extra: dict[str, str]) -> None:
     save_checkpoint(path, config, model.state_dict(), extra)
 
@@ -138,7 +150,7 @@ def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
         )["reconstruction"]
         return {k: figures[k] for k in ("onset_f1", "onset_precision", "onset_recall", "envelope_corr")}
 
-    return Task(trainee, batch, export, evaluate, select="onset_f1")
+    return Task(trainee, batch, export, evaluate, select="onset_f1", clips=clip_names(clips, cfg))
 
 
 def ar_task(
@@ -176,7 +188,7 @@ def ar_task(
         out.head.load_state_dict(module.head.state_dict())
         _save(out, out.config.replace(sampler=sampler), path, extra)
 
-    return Task(trainee, batch, export)
+    return Task(trainee, batch, export, clips=clip_names(clips, cfg))
 
 
 def _set_latent_scale(model: SoundReactor, cfg: TrainConfig, features: Features) -> None:
