@@ -214,3 +214,12 @@ def test_non_finite_weights_are_never_written(tmp_path: Path) -> None:
     with pytest.raises(loop.TrainingStopped, match="became non-finite by step 2"):
         loop.train(made, config(2, lr=0.0), tmp_path)
     assert loop.checkpoints(tmp_path) == [] and not (tmp_path / loop.MODEL).exists()
+
+
+def test_readme_trains_a_vae_from_random_weights_with_the_calibrated_init() -> None:
+    """The README says torch's default VAE init collapses: its examples from --preset must not use it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    examples = [ln for ln in readme.splitlines() if ln.startswith("soundreactor train-vae")]
+    assert examples
+    for line in examples:
+        assert "--init " in line or "--vae-init calibrated" in line, line
