@@ -9,6 +9,7 @@ step times. DINOv2 and the VAE stay frozen in both AR stages.
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,9 @@ def dataset(cfg: TrainConfig, model: SoundReactor, frames: int):
     vision size, or every video under the folder `cfg.data`."""
     if cfg.data == "synthetic":
         return SyntheticAV(cfg.data_seed, cfg.dataset_size, frames, hw=model.config.vision_hw, hum=cfg.hum)
-    return VideoFolder(cfg.data, frames)
+    folder = VideoFolder(cfg.data, frames)
+    print("\n".join(folder.report()), file=sys.stderr)
+    return folder
 
 
 def clip_id(clips, i: int) -> str:
