@@ -176,11 +176,18 @@ def test_a_non_finite_step_is_skipped_logged_and_names_its_clip(tmp_path: Path, 
     assert rows[1]["skipped"] == "non-finite loss"
     assert rows[1]["suspects"] == f"non-finite input values in {first_clip}"
     assert first_clip.startswith("synthetic clip ")
-    assert f"step 2: non-finite loss, step skipped (non-finite input values in {first_clip})" in (
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        f"step 2: non-finite loss, step skipped (non-finite input values in {first_clip}; 1 skipped in all)"
+        in err
     )
     assert all(torch.isfinite(t).all() for t in weights(path).values() if t.is_floating_point())
     assert (tmp_path / loop.PLOT).read_bytes()[:4] == b"\x89PNG"  # plotted without the skipped step
+    loop.train(poisoned(task(6), {4}), config(6), tmp_path)  # resumed: the count goes on
+    assert "step 5: non-finite loss, step skipped (non-finite input values in " in (
+        err := capsys.readouterr().err
+    )
+    assert "; 2 skipped in all)" in err
 
 
 def test_a_skipped_step_changes_nothing(tmp_path: Path) -> None:

@@ -80,9 +80,12 @@ def measured_seconds(path: Path) -> float:
         first, ends = None, {video.index: Fraction(0), audio.index: Fraction(0)}
         try:
             for packet in container.demux(video, audio):
-                if packet.pts is None or packet.size == 0:
+                stamp = (
+                    packet.pts if packet.pts is not None else packet.dts
+                )  # AVI packets may carry only a DTS
+                if stamp is None or packet.size == 0:
                     continue
-                t = packet.pts * packet.time_base
+                t = stamp * packet.time_base
                 ends[packet.stream.index] = max(
                     ends[packet.stream.index], t + (packet.duration or 0) * packet.time_base
                 )

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from soundreactor.checkpoint import CheckpointError
-from soundreactor.files import atomic_write, fsync_directory, umask, write_text
+from soundreactor.files import atomic_write, fsync_directory, write_text
 from soundreactor.training.train_config import TrainConfig
 
 STATE = "state.pt"
@@ -190,10 +190,7 @@ def _seal(partial: Path, final: Path, step: int) -> None:
     listed = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
     write_text(partial / MANIFEST, json.dumps({"step": step, "files": listed}, indent=1) + "\n")
     fsync_directory(partial)
-    if final.exists():  # left by a run that was stopped before this step was reached again
-        shutil.rmtree(final)
-    os.rename(partial, final)
-    os.chmod(final, 0o777 & ~umask())  # mkdir gives it the usual mode already; a rename keeps it
+    os.rename(partial, final)  # made by mkdir, it has the umask's mode, which the rename keeps
     fsync_directory(final.parent)
 
 
@@ -219,6 +216,13 @@ def _truncate_log(log_path: Path, step: int) -> None:
     if log_path.exists():
         lines = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
         write_text(log_path, "".join(ln + "\n" for ln in lines))
+
+
+def _count_skipped(log_path: Path) -> int:
+    """Steps the run's log says were skipped."""
+    if not log_path.exists():
+        return 0
+    return sum("skipped" in json.loads(ln) for ln in log_path.read_text().splitlines() if ln)
 
 
 def _non_finite_rows(batch: dict[str, Tensor], rows: int) -> list[int]:
@@ -327,6 +331,7 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     began = time.perf_counter()
     skipped = 0  # steps in a row
+    skipped_total = _count_skipped(out / LOG)  # in the whole run, resumes included
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, desc=cfg.stage)
     for step in bar:
@@ -357,10 +362,14 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
             bar.set_postfix(loss=f"{record['loss']:.4g}")
         else:
             skipped += 1
+            skipped_total += 1
             what = "loss" if not torch.isfinite(logged[0]) else "gradient"
             suspects = _suspects(task, step, part, batch)
             record = {"step": step + 1, "skipped": f"non-finite {what}", "suspects": suspects}
-            print(f"step {step + 1}: non-finite {what}, step skipped ({suspects})", file=sys.stderr)
+            print(
+                f"step {step + 1}: non-finite {what}, step skipped ({suspects}; {skipped_total} skipped in all)",
+                file=sys.stderr,
+            )
             if skipped >= cfg.max_skipped_steps:
                 raise TrainingStopped(
                     f"training stopped at step {step + 1}: {skipped} steps in a row had a non-finite {what} "
