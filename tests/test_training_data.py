@@ -292,3 +292,24 @@ def test_grid_cache_hits_and_is_keyed_by_weights(tiny_model, tmp_path):
     again = GridCache(tmp_path, tiny_model)
     again.grids("synthetic/4/3", frames)
     assert (again.misses, again.hits) == (0, 1)  # a new instance on the same weights reads the files
+
+
+def test_a_damaged_or_non_finite_grid_cache_file_is_computed_again(tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from soundreactor.training.data import GridCache
+
+    frames = make_clip(4, 3).frames
+    cache = GridCache(tmp_path, tiny_model)
+    want = cache.grids("clip", frames)
+    path = cache.path("clip", frames.shape[1:3])
+    path.write_bytes(path.read_bytes()[:-64])  # cut short
+    torch.testing.assert_close(cache.grids("clip", frames), want, rtol=0, atol=0)
+    nan = torch.full(want.shape, float("nan"), dtype=torch.float16)
+    save_file({"grids": nan}, str(path), metadata={"clip_id": "clip"})
+    torch.testing.assert_close(cache.grids("clip", frames), want, rtol=0, atol=0)
+    assert (cache.misses, cache.hits) == (3, 0)
+    again = GridCache(tmp_path, tiny_model)  # the file was rewritten whole
+    torch.testing.assert_close(again.grids("clip", frames), want, rtol=0, atol=0)
+    assert again.hits == 1

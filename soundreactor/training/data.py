@@ -275,18 +275,14 @@ class GridCache:
 
     def grids(self, clip_id: str, frames: np.ndarray | Tensor) -> Tensor:
         """float32 [T, gh, gw, dim] for the clip: read from disk when cached, else computed and stored."""
-        from safetensors import safe_open
         from safetensors.torch import save_file
 
         path = self.path(clip_id, tuple(frames.shape[1:3]))
         device = next(self.model.parameters()).device
-        if path.exists():
-            with safe_open(str(path), "pt") as f:
-                if f.metadata().get("clip_id") == clip_id:
-                    grids = f.get_tensor("grids")
-                    if grids.shape[0] == frames.shape[0]:
-                        self.hits += 1
-                        return grids.to(device=device, dtype=torch.float32)
+        grids = self._read(path, clip_id)
+        if grids is not None and grids.shape[0] == frames.shape[0]:
+            self.hits += 1
+            return grids.to(device=device, dtype=torch.float32)
         self.misses += 1
         # Rounded to the stored dtype, so a run gets the same values whether the cache was warm or cold.
         grids = clip_grids(self.model, frames).to(self.dtype)
@@ -296,3 +292,20 @@ class GridCache:
             path, lambda temp: save_file({"grids": grids.cpu().contiguous()}, str(temp), metadata=metadata)
         )
         return grids.float()
+
+    @staticmethod
+    def _read(path: Path, clip_id: str) -> Tensor | None:
+        """The stored grids of `clip_id`, or None when absent, stored for another clip, damaged (a disk fault, a
+        copy cut short) or not finite: those are computed again and overwritten, never a crash on every resume."""
+        from safetensors import SafetensorError, safe_open
+
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("clip_id") != clip_id:
+                    return None
+                grids = f.get_tensor("grids")
+        except (SafetensorError, OSError, KeyError):
+            return None
+        return grids if torch.isfinite(grids).all() else None
