@@ -26,15 +26,8 @@ class CheckpointError(ValueError):
 
 
 WEIGHTS_FORMATS = "a .safetensors file or a PyTorch .pth/.ckpt file"
-ONNX_FIELDS = {
-    0x12,
-    0x1A,
-    0x22,
-    0x28,
-    0x32,
-    0x3A,
-    0x42,
-}  # ModelProto fields that follow ir_version (tag 0x08)
+# tags of the ModelProto fields that follow ir_version (tag 0x08) in an ONNX file
+ONNX_FIELDS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42}
 
 
 def file_kind(path: str | Path) -> str:
@@ -59,7 +52,7 @@ def file_kind(path: str | Path) -> str:
         return (
             "torch" if torch_zip else "a zip archive that is not a PyTorch file (a NumPy .npz, a .keras ...)"
         )
-    if head[0] == 0x80 and 2 <= head[1] <= 5:
+    if len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "pickle"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "an HDF5 file (Keras or TensorFlow weights)"
@@ -67,7 +60,7 @@ def file_kind(path: str | Path) -> str:
         return "a GGUF file (llama.cpp weights)"
     if head.startswith(b"\x93NUMPY"):
         return "a NumPy .npy array"
-    if head[0] == 0x08 and head[1] < 0x80 and head[2] in ONNX_FIELDS:
+    if len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in ONNX_FIELDS:
         return "an ONNX model (a graph for a runtime, not a checkpoint)"
     try:
         text = head.decode("utf-8").lstrip()
@@ -83,8 +76,9 @@ def file_kind(path: str | Path) -> str:
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
     """Tensors of a `.safetensors`, `.pth` or `.ckpt` file and how they were stored (for reports).
 
-    The format is read from the content, whatever the name. A torch file's tensors may sit under a `state_dict` entry (PyTorch Lightning checkpoints, stable-audio-tools'
-    `export_model`), nested any number of times; entries that are not tensors (optimizer state, epoch) are ignored.
+    The format is read from the content, whatever the name (`file_kind`). A torch file's tensors may sit under a
+    `state_dict` entry (PyTorch Lightning checkpoints, stable-audio-tools' `export_model`), nested any number of
+    times; entries that are not tensors (optimizer state, epoch) are ignored.
     Raises FileNotFoundError, or CheckpointError for an unreadable file or one that needs pickled code.
     """
     path = Path(path)
@@ -185,7 +179,8 @@ def save_checkpoint(
     extra: dict[str, str] | None = None,
     float32_as: str | None = None,
 ) -> None:
-    """Write our format (whole or not at all, mode 0666 & ~umask: see `files`); `extra` adds string metadata (e.g. the training config), which loaders ignore.
+    """Write our format, whole or not at all, with the umask's mode (`files.atomic_write`); `extra` adds string
+    metadata (e.g. the training config), which loaders ignore.
 
     `float32_as` ("float16" or "bfloat16") stores every float32 tensor in that dtype, half the file: the loader
     widens them back exactly, so the loaded model *is* the rounded one (evaluate that one, not the original).

@@ -210,8 +210,13 @@ def test_too_many_non_finite_steps_in_a_row_stop_training(tmp_path: Path) -> Non
     ):
         loop.train(made, config(6, max_skipped_steps=2), tmp_path)
     assert [p.name for p in loop.checkpoints(tmp_path)] == ["checkpoint-00000002"]  # the good one is kept
-    # one bad step between good ones does not count towards the limit
+    # the limit may be raised on resume (the run goes on from step 2, skipping steps 3 and 4 again)
+    loop.train(poisoned(task(6, max_skipped_steps=3), {2, 3}), config(6, max_skipped_steps=3), tmp_path)
+    assert [p.name for p in loop.checkpoints(tmp_path)] == ["checkpoint-00000006"]
+    # bad steps between good ones do not count towards the limit
     loop.train(poisoned(task(6, max_skipped_steps=2), {1, 3}), config(6, max_skipped_steps=2), tmp_path / "b")
+    log = [json.loads(ln) for ln in (tmp_path / "b" / loop.LOG).read_text().splitlines()]
+    assert [r["step"] for r in log if "skipped" in r] == [2, 4] and log[-1]["step"] == 6
 
 
 def test_non_finite_weights_are_never_written(tmp_path: Path) -> None:

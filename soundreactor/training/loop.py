@@ -50,6 +50,7 @@ PLOT = "losses.png"
 CHECKPOINT = "checkpoint-"  # + the step, 8 digits
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
+RESUME_MAY_CHANGE = ("steps", "max_skipped_steps")  # options a resumed run may change
 
 
 class TrainingStopped(ValueError):
@@ -251,7 +252,8 @@ def _check_finite(step: int, *modules: nn.Module) -> None:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise TrainingStopped(
                     f"weight {name} became non-finite by step {step}; nothing was written for this step and the "
-                    f"last checkpoint is kept: lower --lr or --grad-clip and train into a new --out-dir"
+                    f"last checkpoint is kept: start from its model (--init) with a lower --lr or --grad-clip "
+                    f"in a new --out-dir"
                 )
 
 
@@ -269,15 +271,15 @@ def _resume(out: Path, cfg: TrainConfig, device: torch.device) -> tuple[dict | N
     verify_checkpoint(latest)
     state = torch.load(latest / STATE, map_location=device, weights_only=True)
     saved = TrainConfig.from_json(state["train_config"])
-    if dataclasses.replace(saved, steps=cfg.steps) != cfg:
-        changed = [
-            f.name
-            for f in dataclasses.fields(cfg)
-            if f.name != "steps" and getattr(saved, f.name) != getattr(cfg, f.name)
-        ]
+    changed = [
+        f.name
+        for f in dataclasses.fields(cfg)
+        if f.name not in RESUME_MAY_CHANGE and getattr(saved, f.name) != getattr(cfg, f.name)
+    ]
+    if changed:
         raise ValueError(
             f"{latest} was written with other training options ({', '.join(changed)} differ); resume "
-            f"with the same options (only --steps may change), or use a new --out-dir"
+            f"with the same options (only --steps and --max-skipped-steps may change), or use a new --out-dir"
         )
     return state, latest
 
@@ -374,7 +376,8 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
                 raise TrainingStopped(
                     f"training stopped at step {step + 1}: {skipped} steps in a row had a non-finite {what} "
                     f"(last: {suspects}). None was applied, and the run's last checkpoint is kept. Check the "
-                    f"clips named, lower --lr or --grad-clip, or raise --max-skipped-steps"
+                    f"clips named; resume with a higher --max-skipped-steps, or start from the last model "
+                    f"(--init) with a lower --lr or --grad-clip in a new --out-dir"
                 )
         if rank == 0:
             with open(out / LOG, "a") as f:
