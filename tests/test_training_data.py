@@ -201,7 +201,7 @@ def test_video_folder_reports_every_skipped_file_with_its_reason(tmp_path):
     assert reasons["broken.mp4"].startswith("unreadable: ")
     assert reasons["notes.txt"].startswith("not a video (read: .mp4")
     report = data.report()
-    assert report[0] == f"{tmp_path}: 2 clips of 12 frames from 1 videos"
+    assert report[0] == f"{tmp_path}: 2 clips of 12 frames from 1 video"
     assert (
         report[1] == "skipped 5 files:"
         and "  short.mkv: too short: 0.20 s with sound, a clip is 0.40 s" in report

@@ -160,7 +160,8 @@ class VideoFolder(torch.utils.data.Dataset):
 
     def report(self) -> list[str]:
         """What the folder gave, and every file it skipped with the reason."""
-        lines = [f"{self.root}: {len(self.items)} clips of {self.n_frames} frames from {self.videos} videos"]
+        videos = f"{self.videos} video" + ("s" if self.videos != 1 else "")
+        lines = [f"{self.root}: {len(self.items)} clips of {self.n_frames} frames from {videos}"]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} files:")
             lines += [f"  {path.relative_to(self.root)}: {why}" for path, why in self.skipped]
