@@ -123,6 +123,18 @@ def _kill():
     raise Killed
 
 
+def test_a_run_killed_in_its_first_checkpoint_starts_again_cleanly(tmp_path: Path) -> None:
+    killed = task(2, iter([]))
+    killed.evaluate = lambda module: _kill()
+    with pytest.raises(Killed):
+        loop.train(killed, config(2), tmp_path)
+    assert loop.checkpoints(tmp_path) == [] and list(tmp_path.glob(".checkpoint-00000002.partial"))
+    loop.train(task(2, iter([0.5])), config(2), tmp_path)
+    assert [json.loads(ln)["step"] for ln in (tmp_path / loop.LOG).read_text().splitlines()] == [1, 2]
+    assert [p.name for p in loop.checkpoints(tmp_path)] == ["checkpoint-00000002"]
+    assert not list(tmp_path.glob(".*"))
+
+
 def test_resume_refuses_a_checkpoint_that_differs_from_its_manifest(tmp_path: Path) -> None:
     loop.train(task(2), config(2), tmp_path)
     state = tmp_path / "checkpoint-00000002" / loop.STATE

@@ -319,9 +319,9 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
         if (latest / EVAL).exists():
             evals = [json.loads(ln) for ln in (latest / EVAL).read_text().splitlines() if ln]
         if rank == 0:
-            _truncate_log(out / LOG, start)
             _publish(latest, out)
     if rank == 0:
+        _truncate_log(out / LOG, start)  # also a run killed before its first checkpoint: it starts again
         _tidy(out, latest)
     if world > 1:
         dist.barrier()
