@@ -80,9 +80,8 @@ def measured_seconds(path: Path) -> float:
         first, ends = None, {video.index: Fraction(0), audio.index: Fraction(0)}
         try:
             for packet in container.demux(video, audio):
-                stamp = (
-                    packet.pts if packet.pts is not None else packet.dts
-                )  # AVI packets may carry only a DTS
+                # AVI packets may carry only a DTS
+                stamp = packet.pts if packet.pts is not None else packet.dts
                 if stamp is None or packet.size == 0:
                     continue
                 t = stamp * packet.time_base
@@ -107,8 +106,8 @@ class VideoFolder(torch.utils.data.Dataset):
     (PyAV cannot seek to an exact 30 fps slot), so cut long videos into short files first.
     Files that give no clip are listed in `skipped` with the reason (not a video, no audio track, too short,
     unreadable); `report()` says so. A clip that cannot be read when training draws it (the file was truncated
-    or changed, its audio holds NaN) is replaced by the next readable clip, with a message, the same way on every
-    run and resume. Files and folders whose names start with a dot are ignored.
+    or changed, its audio holds NaN) is replaced by the next readable clip, with a message, instead of stopping
+    the run; a resumed run measures the file again. Files and folders whose names start with a dot are ignored.
     Raises FileNotFoundError for a missing folder and ValueError when it holds no usable video.
     """
 
