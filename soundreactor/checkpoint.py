@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from soundreactor import files
 from soundreactor.config import ModelConfig
 
 FORMAT = "soundreactor/1"
@@ -24,17 +25,67 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is; the message says what is wrong and what to do."""
 
 
+WEIGHTS_FORMATS = "a .safetensors file or a PyTorch .pth/.ckpt file"
+# tags of the ModelProto fields that follow ir_version (tag 0x08) in an ONNX file
+ONNX_FIELDS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42}
+
+
+def file_kind(path: str | Path) -> str:
+    """What a file holds, judged by its content (a name can lie): 'safetensors', 'torch' (PyTorch's zip),
+    'pickle' (PyTorch's legacy format), or, for files that hold no weights we read, a short description."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(256)
+    size = path.stat().st_size
+    if not head:
+        return "an empty file"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                torch_zip = any(name.endswith("/data.pkl") for name in archive.namelist())
+        except zipfile.BadZipFile:
+            return "a damaged zip archive"
+        return (
+            "torch" if torch_zip else "a zip archive that is not a PyTorch file (a NumPy .npz, a .keras ...)"
+        )
+    if len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "an HDF5 file (Keras or TensorFlow weights)"
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (llama.cpp weights)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array"
+    if len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in ONNX_FIELDS:
+        return "an ONNX model (a graph for a runtime, not a checkpoint)"
+    try:
+        text = head.decode("utf-8").lstrip()
+    except UnicodeDecodeError:
+        return "not a weights format soundreactor knows"
+    if text.startswith("version https://git-lfs"):
+        return "a Git LFS pointer, not the file itself (fetch it with `git lfs pull`)"
+    if text[:15].lower().startswith(("<!doctype html", "<html")):
+        return "an HTML page (a download that returned a web page instead of the file)"
+    return f"a text file (it starts {text.splitlines()[0][:40]!r})" if text else "a text file"
+
+
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
     """Tensors of a `.safetensors`, `.pth` or `.ckpt` file and how they were stored (for reports).
 
-    A torch file's tensors may sit under a `state_dict` entry (PyTorch Lightning checkpoints, stable-audio-tools'
-    `export_model`), nested any number of times; entries that are not tensors (optimizer state, epoch) are ignored.
+    The format is read from the content, whatever the name (`file_kind`). A torch file's tensors may sit under a
+    `state_dict` entry (PyTorch Lightning checkpoints, stable-audio-tools' `export_model`), nested any number of
+    times; entries that are not tensors (optimizer state, epoch) are ignored.
     Raises FileNotFoundError, or CheckpointError for an unreadable file or one that needs pickled code.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
+    kind = file_kind(path)
+    if kind == "safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -42,8 +93,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
                 return {k: f.get_tensor(k) for k in f.keys()}, "safetensors"  # noqa: SIM118 (no __iter__)
         except SafetensorError as err:
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+    if kind not in ("torch", "pickle"):
+        raise CheckpointError(f"{path} is {kind}, not weights: give {WEIGHTS_FORMATS}")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would pick a reader by the name's suffix
+            raw = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's own message advises weights_only=False, i.e. running the file's code: never repeat it
         blocked = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
@@ -101,6 +155,18 @@ def check_state_dict(expected: dict[str, Tensor], given: dict[str, Tensor], what
     raise CheckpointError("\n".join(lines))
 
 
+def check_finite(tensors: dict[str, Tensor], what: str) -> None:
+    """Raise CheckpointError naming the tensors that hold NaN or infinity: such weights give NaN audio (or NaN
+    training) and are refused where they enter, never loaded."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+        raise CheckpointError(
+            f"{what} holds NaN or infinite values in {shown}: these weights are broken (a diverged training run "
+            "or a damaged file); use an earlier checkpoint or the original file"
+        )
+
+
 # metadata key: the file's float32 tensors were written in this dtype (and are read back as float32)
 STORAGE_KEY = "float32_stored_as"
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -113,7 +179,8 @@ def save_checkpoint(
     extra: dict[str, str] | None = None,
     float32_as: str | None = None,
 ) -> None:
-    """Write our format; `extra` adds string metadata (e.g. the training config), which loaders ignore.
+    """Write our format, whole or not at all, with the umask's mode (`files.atomic_write`); `extra` adds string
+    metadata (e.g. the training config), which loaders ignore.
 
     `float32_as` ("float16" or "bfloat16") stores every float32 tensor in that dtype, half the file: the loader
     widens them back exactly, so the loaded model *is* the rounded one (evaluate that one, not the original).
@@ -131,7 +198,7 @@ def save_checkpoint(
         tensors = {k: v.to(narrow) if v.dtype == torch.float32 else v for k, v in tensors.items()}
         metadata[STORAGE_KEY] = float32_as
     try:
-        save_file(tensors, str(path), metadata=metadata)
+        files.atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
     except SafetensorError as err:  # the OS refused the file (read-only or virtual file system, full disk)
         raise OSError(f"cannot write the checkpoint {path}: {err}") from None
 
@@ -148,7 +215,13 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except SafetensorError as err:
-        raise CheckpointError(f"{path} is not a soundreactor checkpoint (safetensors): {err}") from err
+        kind = file_kind(path)
+        what = "a damaged safetensors file" if kind == "safetensors" else kind
+        what = "a PyTorch file" if kind in ("torch", "pickle") else what
+        raise CheckpointError(
+            f"{path} is not a soundreactor checkpoint (safetensors): it is {what} ({err}); "
+            "make a checkpoint with `soundreactor init`"
+        ) from err
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(
             f"{path} lacks soundreactor metadata (format {metadata.get('format')!r}); "
@@ -167,4 +240,5 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
             )
         narrow = STORAGE_DTYPES[stored_as]
         tensors = {k: v.float() if v.dtype == narrow else v for k, v in tensors.items()}
+    check_finite(tensors, f"checkpoint {path}")
     return config, tensors

@@ -17,7 +17,7 @@ from soundreactor.config import PRESETS
 from soundreactor.engine.commands import add_commands as add_engine_commands
 from soundreactor.engine.tensorrt_env import TensorRTMissing
 from soundreactor.export.commands import add_commands as add_export_commands
-from soundreactor.outputs import MP4_SUFFIXES, WAV_SUFFIXES, check_outputs, check_suffix
+from soundreactor.outputs import MP4_SUFFIXES, WAV_SUFFIXES, OutputPathError, check_outputs, check_suffix
 from soundreactor.serving.commands import add_commands as add_serving_commands
 from soundreactor.training.commands import add_commands as add_training_commands
 from soundreactor.training.evaluate import add_evaluate_command
@@ -77,6 +77,8 @@ def cmd_init(args: argparse.Namespace) -> None:
     from soundreactor.model.soundreactor import init_model
 
     check_outputs([("--out", args.out)], [("--dinov2", args.dinov2), ("--vae", args.vae)])
+    if Path(args.out).exists() and not args.force:
+        raise OutputPathError(f"--out {args.out} exists; give --force to replace it, or choose another --out")
     model, notes = init_model(
         args.preset,
         seed=args.seed,
@@ -211,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", required=True)
+    init.add_argument("--force", action="store_true", help="replace --out if it exists")
     init.set_defaults(func=cmd_init)
 
     run = sub.add_parser("run", help="generate audio for a video, frame by frame")

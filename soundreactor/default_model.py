@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -56,15 +57,25 @@ def evaluate_default(checkpoint: str | Path = CHECKPOINT, nfes: tuple[int, ...] 
 
 
 def publish(source: str | Path, checkpoint: Path = CHECKPOINT, report: Path = REPORT) -> dict:
-    """Write `source`'s weights to `checkpoint` (float32 stored as float16), then the evaluation of that file, as
-    loaded, to `report`. Returns the report."""
+    """Write `source`'s weights to `checkpoint` (float32 stored as float16) and the evaluation of that file, as
+    loaded, to `report`. Both are made beside their targets and renamed into place once the evaluation is done,
+    so an interrupted or failed publish leaves the previous pair, never a model beside another's report.
+    Returns the report."""
     from soundreactor.checkpoint import load_checkpoint, save_checkpoint
+    from soundreactor.files import write_text
 
     config, tensors = load_checkpoint(source)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(checkpoint, config, tensors, {"source": Path(source).name}, float32_as="float16")
-    figures = evaluate_default(checkpoint)
-    report.write_text(json.dumps(figures, indent=2) + "\n")
+    staged = [path.with_name(f".{path.name}.new") for path in (checkpoint, report)]
+    try:
+        save_checkpoint(staged[0], config, tensors, {"source": Path(source).name}, float32_as="float16")
+        figures = evaluate_default(staged[0])
+        write_text(staged[1], json.dumps(figures, indent=2) + "\n")
+        os.replace(staged[0], checkpoint)
+        os.replace(staged[1], report)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
     return figures
 
 

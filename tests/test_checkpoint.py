@@ -202,6 +202,102 @@ def test_init_cli_reaches_every_vae_loader_choice(tmp_path, capsys):
     assert torch.equal(chosen["--vae-weights online"], online.decoder.layers[0].weight)
     assert torch.equal(chosen["--vae-prefix autoencoder."], online.decoder.layers[0].weight)
     assert (
-        main(["init", "--preset", "tiny", "--vae", str(path), "--vae-prefix", "x.", "--out", str(out)]) == 2
+        main(
+            [
+                "init",
+                "--preset",
+                "tiny",
+                "--vae",
+                str(path),
+                "--vae-prefix",
+                "x.",
+                "--out",
+                str(out),
+                "--force",
+            ]
+        )
+        == 2
     )
     assert "error: no VAE keys under prefix 'x.'" in capsys.readouterr().err
+
+
+def _onnx_model(path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [x.__class__(name="y")])
+    graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]))
+    onnx.save(helper.make_model(graph, producer_name="pytorch"), str(path))
+
+
+def test_weights_files_are_told_apart_by_content_not_name(tmp_path):
+    """A file given to `init` that is not weights is named for what it is; only real pickles are called risky."""
+    import numpy as np
+
+    cases = {
+        "model.onnx": "an ONNX model",
+        "notes.pth": "a text file (it starts 'these are not weights')",
+        "lfs.ckpt": "a Git LFS pointer",
+        "page.pth": "an HTML page",
+        "arrays.pth": "a zip archive that is not a PyTorch file",
+        "empty.pth": "an empty file",
+    }
+    _onnx_model(tmp_path / "model.onnx")
+    (tmp_path / "notes.pth").write_text("these are not weights\n")
+    (tmp_path / "lfs.ckpt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    (tmp_path / "page.pth").write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(2))
+    (tmp_path / "arrays.npz").rename(tmp_path / "arrays.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name, kind in cases.items():
+        with pytest.raises(CheckpointError) as err:
+            read_tensor_file(tmp_path / name)
+        message = str(err.value)
+        assert kind in message and "not weights: give a .safetensors file or a PyTorch" in message, message
+        assert "pickle" not in message and "arbitrary code" not in message, message
+    # the content decides, not the suffix: safetensors named .pth and a torch file named .safetensors both load
+    save_file({"w": torch.ones(2)}, str(tmp_path / "really_safetensors.pth"))
+    torch.save({"w": torch.ones(2)}, tmp_path / "really_torch.safetensors")
+    for name in ("really_safetensors.pth", "really_torch.safetensors"):
+        assert torch.equal(read_tensor_file(tmp_path / name)["w"], torch.ones(2))
+    with pytest.raises(
+        CheckpointError, match=r"not a soundreactor checkpoint \(safetensors\): it is an ONNX model"
+    ):
+        SoundReactor.load(tmp_path / "model.onnx")
+
+
+def test_non_finite_weights_are_refused_where_they_enter(tmp_path):
+    model = SoundReactor(tiny())
+    state = model.state_dict()
+    state["head.out.weight" if "head.out.weight" in state else next(iter(state))][0] = float("nan")
+    bad = next(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    path = tmp_path / "nan.safetensors"
+    save_checkpoint(path, tiny(), state)
+    with pytest.raises(
+        CheckpointError, match=rf"holds NaN or infinite values in {bad}: these weights are broken"
+    ):
+        SoundReactor.load(path)
+    dino = DinoV2(tiny().dinov2, (37, 37)).state_dict()
+    dino["cls_token"] = torch.full_like(dino["cls_token"], float("inf"))
+    torch.save(dino, tmp_path / "dino.pth")
+    with pytest.raises(
+        CheckpointError, match=r"DINOv2 weights .*dino\.pth holds NaN or infinite values in cls_token"
+    ):
+        init_model("tiny", dinov2=tmp_path / "dino.pth")
+    assert (
+        main(
+            ["init", "--preset", "tiny", "--dinov2", str(tmp_path / "dino.pth"), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
+
+
+def test_init_refuses_to_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"someone's work")
+    assert main(["init", "--preset", "tiny", "--out", str(out)]) == 2
+    assert f"error: --out {out} exists; give --force to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == b"someone's work"
+    assert main(["init", "--preset", "tiny", "--out", str(out), "--force"]) == 0
+    assert SoundReactor.load(out).config == tiny()

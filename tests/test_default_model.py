@@ -98,3 +98,42 @@ def test_the_demo_is_heard_where_it_is_seen(tmp_path, capsys):
     floor = evaluate.score([evaluate.stream_audio(random_model, scene.frames, seed)], [scene])["onset_f1"]
     # measured: 0.38 (precision 0.26, recall 0.69: 9 of 13 impacts) against 0.14 (1 of 13); see default_model.md
     assert trained >= floor + 0.2, (trained, floor)
+
+
+def test_publish_replaces_the_model_and_its_report_together(tmp_path, monkeypatch):
+    """An interrupted publish leaves the previous model and report; a finished one, the file it evaluated."""
+    from pathlib import Path
+
+    source = tmp_path / "trained.safetensors"
+    init_model("tiny", seed=3)[0].save(source)
+    checkpoint, report = tmp_path / "default.safetensors", tmp_path / "report.json"
+    checkpoint.write_bytes(b"old model")
+    report.write_text("old report")
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(default_model, "evaluate_default", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        default_model.publish(source, checkpoint, report)
+    assert checkpoint.read_bytes() == b"old model" and report.read_text() == "old report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "default.safetensors",
+        "report.json",
+        "trained.safetensors",
+    ]
+
+    evaluated = []
+    monkeypatch.setattr(
+        default_model,
+        "evaluate_default",
+        lambda path: evaluated.append(Path(path).read_bytes()) or {"nfe4": 1.0},
+    )
+    assert default_model.publish(source, checkpoint, report) == {"nfe4": 1.0}
+    assert checkpoint.read_bytes() == evaluated[0]
+    assert json.loads(report.read_text()) == {"nfe4": 1.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "default.safetensors",
+        "report.json",
+        "trained.safetensors",
+    ]

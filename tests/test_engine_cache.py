@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from soundreactor import files
 from soundreactor.config import tiny
 from soundreactor.engine import cache
 from soundreactor.engine.bindings import check_engine_io, engine_graph_spec
@@ -173,10 +174,10 @@ def test_a_crash_mid_write_leaves_nothing_loadable(tmp_path, monkeypatch, crash_
             raise OSError("simulated crash")
         real_replace(src, dst)
 
-    monkeypatch.setattr(cache.os, "replace", crashing_replace)
+    monkeypatch.setattr(files.os, "replace", crashing_replace)
     with pytest.raises(OSError, match="simulated crash"):
         write_engine(tmp_path, target(), b"new engine!", 2.0)
-    monkeypatch.setattr(cache.os, "replace", real_replace)
+    monkeypatch.setattr(files.os, "replace", real_replace)
     assert not list(tmp_path.glob(".*.tmp"))  # the temp file went with the failed write
     assert not target().paths(tmp_path)[1].exists()  # the old sidecar went first: neither engine loads
     with pytest.raises(EngineCacheError, match="no TensorRT engine for ar_audio"):

@@ -133,3 +133,15 @@ def test_two_threads_stepping_one_session_are_serialized(model, frames):
         t.join()
     assert Counter(outputs[0] + outputs[1]) == Counter(expected)
     assert len(set(expected)) == 40  # every step's audio differs, so a lost or repeated update would show
+
+
+def test_frame_size_advice_names_a_real_parameter(model, frames):
+    """The fix a FrameError gives for a frame of another size must be callable as written."""
+    import inspect
+
+    from soundreactor.model.soundreactor import SoundReactor
+
+    with pytest.raises(FrameError) as err:
+        Session(TorchStreams(model)).step(frames[0][:-2])
+    assert "SoundReactor.load(checkpoint, input_hw=(height, width))" in str(err.value)
+    assert "input_hw" in inspect.signature(SoundReactor.load).parameters

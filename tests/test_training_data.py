@@ -127,7 +127,7 @@ def test_video_folder_resamples_to_30_fps_and_48_khz_stereo(tmp_path):
     (tmp_path / "notes.txt").write_text("not a video")
     data = VideoFolder(tmp_path, n_frames=12)
     assert len(data) == 2  # 30 frames at 30 fps: two whole clips of 12
-    assert [p.name for p, _ in data.skipped] == ["silent.mkv"]
+    assert [p.name for p, _ in data.skipped] == ["notes.txt", "silent.mkv"]
     clip = data[1]
     assert clip.frames.shape == (12, 32, 48, 3) and clip.frames.dtype == np.uint8
     assert clip.audio.shape == (2, 12 * SAMPLES_PER_FRAME) and clip.audio.dtype == np.float32
@@ -160,6 +160,88 @@ def test_video_folder_errors_name_the_problem(tmp_path):
     _write_av(tmp_path / "silent.mkv", 0.5, audio=False)
     with pytest.raises(ValueError, match="no video under"):
         VideoFolder(tmp_path, 8)
+
+
+def _truncate(path, fraction: float):
+    """Keep the first `fraction` of the file's bytes: its header still states the whole duration."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+def _write_audio_only(path):
+    import av
+
+    with av.open(str(path), "w") as out:
+        sound = out.add_stream("pcm_s16le", rate=8000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = 8000, 0
+        out.mux(sound.encode(frame))
+        out.mux(sound.encode(None))
+
+
+def test_video_folder_reports_every_skipped_file_with_its_reason(tmp_path):
+    from soundreactor.training.data import VideoFolder
+
+    _write_av(tmp_path / "good.mkv", 1.0)
+    _write_av(tmp_path / "silent.mkv", 1.0, audio=False)
+    _write_av(tmp_path / "short.mkv", 0.2, click_s=0.1)
+    _write_audio_only(tmp_path / "podcast.mkv")
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x01 not a container " * 50)
+    (tmp_path / "notes.txt").write_text("not a video")
+    (tmp_path / ".cache").mkdir()
+    _write_av(tmp_path / ".cache" / "hidden.mkv", 1.0)  # dot folders (a grid cache, say) are not data
+    data = VideoFolder(tmp_path, n_frames=12)
+    assert len(data) == 2 and data.videos == 1
+    reasons = {path.name: why for path, why in data.skipped}
+    assert set(reasons) == {"silent.mkv", "short.mkv", "podcast.mkv", "broken.mp4", "notes.txt"}
+    assert reasons["silent.mkv"] == "no audio track"
+    assert reasons["short.mkv"] == "too short: 0.20 s with sound, a clip is 0.40 s"
+    assert reasons["podcast.mkv"] == "not a video: it has no video stream"
+    assert reasons["broken.mp4"].startswith("unreadable: ")
+    assert reasons["notes.txt"].startswith("not a video (read: .mp4")
+    report = data.report()
+    assert report[0] == f"{tmp_path}: 2 clips of 12 frames from 1 video"
+    assert (
+        report[1] == "skipped 5 files:"
+        and "  short.mkv: too short: 0.20 s with sound, a clip is 0.40 s" in report
+    )
+
+
+def test_a_truncated_file_gives_the_clips_it_holds_not_those_its_header_states(tmp_path):
+    from soundreactor.media import probe_video
+    from soundreactor.training.data import VideoFolder, measured_seconds
+
+    path = _truncate(_write_av(tmp_path / "cut.mkv", 2.0), 0.5)
+    assert probe_video(path).duration_s == 2.0  # the header still says 2 s
+    seconds = measured_seconds(path)
+    assert 0.8 < seconds < 1.2  # half the bytes: about half the (constant-rate) content
+    data = VideoFolder(tmp_path, n_frames=12)
+    assert len(data) == int(seconds * 30) // 12
+    for i in range(len(data)):
+        assert data[i].frames.shape == (12, 32, 48, 3)  # every clip admitted is read whole
+    assert not data.replaced
+
+
+def test_a_clip_found_unreadable_in_training_is_replaced_not_a_crash(tmp_path, capsys):
+    from soundreactor.training.data import VideoFolder
+
+    _write_av(tmp_path / "a.mkv", 1.0)
+    _write_av(tmp_path / "b.mkv", 1.0)
+    scanned = VideoFolder(tmp_path, n_frames=12)  # a, b: two clips each
+    first = scanned[0]
+    _truncate(tmp_path / "b.mkv", 0.6)  # cut while training runs (a copy still in progress, a full disk)
+    clip = scanned[3]  # b's second clip is gone: the next readable one, wrapping round, is a's first
+    np.testing.assert_array_equal(clip.frames, first.frames)
+    np.testing.assert_array_equal(clip.audio, first.audio)
+    assert scanned.replaced == {3: 0} and scanned.clip_id(3) == scanned.clip_id(0)
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'b.mkv'} frames 12..23: {tmp_path / 'b.mkv'} ends at frame" in err
+    assert f"reading {tmp_path / 'a.mkv'} frames 0..11 instead" in err
+    # a resumed run measures the truncated file: b now gives one clip, readable, so none is replaced
+    resumed = VideoFolder(tmp_path, n_frames=12)
+    assert len(resumed) == 3 and all(resumed[i].frames.shape[0] == 12 for i in range(3))
+    assert not resumed.replaced
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +292,24 @@ def test_grid_cache_hits_and_is_keyed_by_weights(tiny_model, tmp_path):
     again = GridCache(tmp_path, tiny_model)
     again.grids("synthetic/4/3", frames)
     assert (again.misses, again.hits) == (0, 1)  # a new instance on the same weights reads the files
+
+
+def test_a_damaged_or_non_finite_grid_cache_file_is_computed_again(tiny_model, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from soundreactor.training.data import GridCache
+
+    frames = make_clip(4, 3).frames
+    cache = GridCache(tmp_path, tiny_model)
+    want = cache.grids("clip", frames)
+    path = cache.path("clip", frames.shape[1:3])
+    path.write_bytes(path.read_bytes()[:-64])  # cut short
+    torch.testing.assert_close(cache.grids("clip", frames), want, rtol=0, atol=0)
+    nan = torch.full(want.shape, float("nan"), dtype=torch.float16)
+    save_file({"grids": nan}, str(path), metadata={"clip_id": "clip"})
+    torch.testing.assert_close(cache.grids("clip", frames), want, rtol=0, atol=0)
+    assert (cache.misses, cache.hits) == (3, 0)
+    again = GridCache(tmp_path, tiny_model)  # the file was rewritten whole
+    torch.testing.assert_close(again.grids("clip", frames), want, rtol=0, atol=0)
+    assert again.hits == 1

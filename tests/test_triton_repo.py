@@ -57,7 +57,10 @@ def test_checkpoint_repository_for_two_gpus(checkpoint, tmp_path, monkeypatch):
     assert (model_dir / stored).read_bytes() == checkpoint.read_bytes()
     model_py = (model_dir / "1" / "model.py").read_text()
     assert "from soundreactor.serving.triton_model import TritonPythonModel" in model_py
-    for text in (model_py, (model_dir / "config.pbtxt").read_text()):  # no absolute path: the repository moves
+    for text in (
+        model_py,
+        (model_dir / "config.pbtxt").read_text(),
+    ):  # no absolute path: the repository moves
         assert str(ROOT) not in text and str(checkpoint.parent) not in text and str(tmp_path) not in text
 
 

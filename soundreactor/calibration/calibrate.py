@@ -29,6 +29,7 @@ from soundreactor.calibration.quantize import (
 )
 from soundreactor.calibration.ranges import RangeCollector, summarize
 from soundreactor.export.manifest import FRAME_ORDER, Manifest, file_sha256, load_manifest
+from soundreactor.files import write_text
 
 RECORD_NAME = "quantization.json"
 # The VAE decoder stays in the export's precision unless asked for: its waveform is where quantization noise is
@@ -67,7 +68,7 @@ def write_export_dir(
         )
     for name in quantized:
         onnx.checker.check_model(str(target / manifest.graph(name).file), full_check=True)
-    (target / RECORD_NAME).write_text(json.dumps(record, indent=1))
+    write_text(target / RECORD_NAME, json.dumps(record, indent=1))
     files = {name: file_sha256(target / name) for name in (*writer.files, RECORD_NAME)}
     copy = dataclasses.replace(manifest, files=files)
     copy.save(target)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from soundreactor import files
 from soundreactor.calibration import metrics
 from soundreactor.calibration.calibrate import RECORD_NAME
 from soundreactor.calibration.chain import FrameSource, GraphChain
@@ -194,8 +195,8 @@ class AccuracyReport:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = [directory / f"{stem}.{ext}" for ext in ("json", "md", "png")]
-        paths[0].write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
-        paths[1].write_text(self.to_markdown())
+        files.write_text(paths[0], json.dumps(self.to_dict(), indent=1, allow_nan=False))
+        files.write_text(paths[1], self.to_markdown())
         self.plot(paths[2])
         return paths
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from soundreactor.export.manifest import Manifest
+from soundreactor.files import write_bytes as atomic_write
 
 FORMAT = "soundreactor-engine/1"
 # What TensorRT parses is the export after these passes; bump when engine/kv_scatter.py changes its output.
@@ -169,30 +168,6 @@ def differences(record: EngineRecord, onnx_sha256: str, tensorrt_version: str, g
             f"it was built for {target.gpu.describe()}, this GPU is {gpu.describe()} ({and_join(differing)} differ)"
         )
     return found
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `path` so that it holds either its old content or all of `data`, never a part."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    fsync_directory(path.parent)
 
 
 def write_engine(

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from soundreactor.files import write_text
+
 FORMAT = "soundreactor-onnx/1"
 MANIFEST_NAME = "manifest.json"
 # The order a frame runs its graphs in; ar_audio needs nothing from the frame, so it may run before it arrives.
@@ -93,7 +95,7 @@ class Manifest:
         return cls(**{**data, "graphs": graphs, "frame_hw": tuple(data["frame_hw"])})
 
     def save(self, directory: str | Path) -> None:
-        (Path(directory) / MANIFEST_NAME).write_text(self.to_json())
+        write_text(Path(directory) / MANIFEST_NAME, self.to_json())
 
 
 def file_sha256(path: str | Path) -> str:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from soundreactor.checkpoint import (
+    check_finite,
     check_state_dict,
     load_checkpoint,
     read_tensor_file,
@@ -96,11 +97,13 @@ def init_model(
     if dinov2 is not None:
         tensors = read_tensor_file(dinov2)
         check_state_dict(model.vision.dinov2.state_dict(), tensors, f"DINOv2 weights {dinov2}")
+        check_finite(tensors, f"DINOv2 weights {dinov2}")
         model.vision.dinov2.load_state_dict(tensors)
         notes.append(f"DINOv2: {len(tensors)} tensors from {dinov2}")
     if vae is not None:
         raw, container = read_weights(vae)
         tensors, layout = vae_state_from_official(raw, config.vae, vae_prefix, vae_weights)
+        check_finite(tensors, f"VAE weights {vae}")
         model.vae.load_state_dict(tensors)
         notes.append(f"VAE: {len(tensors)} tensors from {vae} ({container}; {layout.describe()})")
     return model.eval(), notes

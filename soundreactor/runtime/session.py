@@ -2,7 +2,7 @@
 
 `Streams` steps B stream slots at once (servers); `Session` is one stream (products, the CLI):
 
-    session = Session(TorchStreams(model, frame_hw=(480, 854)))
+    session = Session(TorchStreams(SoundReactor.load(checkpoint, input_hw=(480, 854))))
     for frame in camera:                  # uint8 [H, W, 3], RGB
         play(session.step(frame))         # float32 [2, 1600], 33.3 ms of 48 kHz stereo
 """
@@ -19,7 +19,10 @@ class FrameError(ValueError):
     """A frame the session cannot take; the stream's state is left untouched."""
 
 
-RESIZE_OR_REBUILD = "resize frames to that size, or create the session with frame_hw set to the video's size"
+RESIZE_OR_REBUILD = (
+    "resize frames to that size, or load the model for the video's size: "
+    "SoundReactor.load(checkpoint, input_hw=(height, width))"
+)
 
 
 def check_frames(

@@ -96,7 +96,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", help="checkpoint to start from (made by init, train-vae or train)")
     parser.add_argument("--preset", help="start from seeded random weights of this preset instead of --init")
     parser.add_argument("--model-seed", type=int, default=0, help="seed of the random weights with --preset")
-    parser.add_argument("--out-dir", required=True, help="run directory: resumes if it holds state.pt")
+    parser.add_argument(
+        "--out-dir",
+        required=True,
+        help="run directory: resumes from its newest checkpoint-<step>/ if it has one",
+    )
     parser.add_argument(
         "--device",
         help="cpu or cuda (default: cuda if there is a GPU; under torchrun each rank takes GPU LOCAL_RANK)",

@@ -14,8 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import tempfile
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from soundreactor.media import SAMPLE_RATE, probe_video, read_frames
+from soundreactor.files import atomic_write
+from soundreactor.media import SAMPLE_RATE, read_frames, video_streams
 from soundreactor.model.frames import FramePreprocess
 from soundreactor.training.synthetic import FPS, SAMPLES_PER_FRAME, Clip
 
@@ -60,13 +60,54 @@ def read_audio(path: str | Path) -> np.ndarray:
     return audio[:, -offset:]
 
 
+def measured_seconds(path: Path) -> float:
+    """Seconds of `path` that have both video and sound, from the first video frame: the end of its packets
+    (demuxed, not decoded), never the duration its header states, which a truncated or still-growing file
+    overstates and a live capture leaves out. A read error ends the measure where the readable part ends.
+
+    Raises ValueError naming what is missing (no video stream, no audio track), or av.error.FFmpegError when the
+    file cannot be opened.
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        videos = video_streams(container)
+        if not videos:
+            raise ValueError("not a video: it has no video stream")
+        if not container.streams.audio:
+            raise ValueError("no audio track")
+        video, audio = videos[0], container.streams.audio[0]
+        first, ends = None, {video.index: Fraction(0), audio.index: Fraction(0)}
+        try:
+            for packet in container.demux(video, audio):
+                # AVI packets may carry only a DTS
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                if stamp is None or packet.size == 0:
+                    continue
+                t = stamp * packet.time_base
+                ends[packet.stream.index] = max(
+                    ends[packet.stream.index], t + (packet.duration or 0) * packet.time_base
+                )
+                if packet.stream.index == video.index:
+                    first = t if first is None else min(first, t)
+        except av.error.FFmpegError:
+            pass  # damaged from here on: what was read before is what the file holds
+    if first is None:
+        raise ValueError("not a video: its video stream has no frames")
+    return float(min(ends.values()) - first)
+
+
 class VideoFolder(torch.utils.data.Dataset):
     """Clips of `n_frames` frames (30 fps) with their 48 kHz stereo audio, from every video under `root`.
 
-    Each video gives floor(duration * 30 / n_frames) consecutive, non-overlapping clips; item i is a Clip with
-    frames uint8 [n_frames, H, W, 3] (the video's own size), audio float32 [2, n_frames * 1600] and no events.
-    Reading clip k decodes its video from the start (PyAV cannot seek to an exact 30 fps slot), so cut long
-    videos into short files first. Videos without audio are skipped and listed in `skipped`.
+    Each video gives floor(seconds * 30 / n_frames) consecutive, non-overlapping clips, `seconds` measured from
+    its packets (`measured_seconds`); item i is a Clip with frames uint8 [n_frames, H, W, 3] (the video's own
+    size), audio float32 [2, n_frames * 1600] and no events. Reading clip k decodes its video from the start
+    (PyAV cannot seek to an exact 30 fps slot), so cut long videos into short files first.
+    Files that give no clip are listed in `skipped` with the reason (not a video, no audio track, too short,
+    unreadable); `report()` says so. A clip that cannot be read when training draws it (the file was truncated
+    or changed, its audio holds NaN) is replaced by the next readable clip, with a message, instead of stopping
+    the run; a resumed run measures the file again. Files and folders whose names start with a dot are ignored.
     Raises FileNotFoundError for a missing folder and ValueError when it holds no usable video.
     """
 
@@ -80,44 +121,104 @@ class VideoFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"video folder not found: {self.root}")
         self.items: list[tuple[Path, int]] = []  # (video, first frame)
         self.skipped: list[tuple[Path, str]] = []
-        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES):
+        self.replaced: dict[int, int] = {}  # item -> the readable item read in its place
+        self.unreadable: dict[int, str] = {}  # item -> why it could not be read
+        self.videos = 0
+        files = (p for p in self.root.rglob("*") if p.is_file())
+        for path in sorted(
+            p for p in files if not any(s.startswith(".") for s in p.relative_to(self.root).parts)
+        ):
+            if path.suffix.lower() not in VIDEO_SUFFIXES:
+                self.skipped.append((path, f"not a video (read: {', '.join(VIDEO_SUFFIXES)})"))
+                continue
             try:
-                with av.open(str(path)) as container:
-                    has_audio = bool(container.streams.audio)
-                info = probe_video(path)
-            except (av.error.FFmpegError, ValueError) as e:
+                seconds = measured_seconds(path)
+            except (
+                av.error.FFmpegError,
+                OSError,
+            ) as e:  # before ValueError: FFmpeg's InvalidDataError is one
+                self.skipped.append((path, f"unreadable: {e}"))
+                continue
+            except ValueError as e:
                 self.skipped.append((path, str(e)))
                 continue
-            if not has_audio:
-                self.skipped.append((path, "no audio track"))
+            count = int(seconds * FPS + 1e-6) // n_frames
+            if not count:
+                self.skipped.append(
+                    (path, f"too short: {seconds:.2f} s with sound, a clip is {n_frames / FPS:.2f} s")
+                )
                 continue
-            count = int(info.duration_s * FPS + 1e-6) // n_frames
+            self.videos += 1
             self.items += [(path, k * n_frames) for k in range(count)]
         if not self.items:
             raise ValueError(
-                f"no video under {self.root} gives a clip of {n_frames} frames with audio "
-                f"(suffixes {', '.join(VIDEO_SUFFIXES)}; skipped: {len(self.skipped)})"
+                f"no video under {self.root} gives a clip of {n_frames} frames with audio; "
+                + "; ".join(f"{p.name}: {why}" for p, why in self.skipped[:8])
+                + (f"; ... ({len(self.skipped)} files skipped)" if len(self.skipped) > 8 else "")
             )
+
+    def report(self) -> list[str]:
+        """What the folder gave, and every file it skipped with the reason."""
+        videos = f"{self.videos} video" + ("s" if self.videos != 1 else "")
+        lines = [f"{self.root}: {len(self.items)} clips of {self.n_frames} frames from {videos}"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} files:")
+            lines += [f"  {path.relative_to(self.root)}: {why}" for path, why in self.skipped]
+        return lines
 
     def __len__(self) -> int:
         return len(self.items)
 
     def clip_id(self, i: int) -> str:
         """A GridCache id for item i that changes when the file does (path, size, mtime, first frame, length)."""
-        path, start = self.items[i]
+        path, start = self.items[self.replaced.get(i, i)]
         stat = path.stat()
         return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{start}|{self.n_frames}"
 
+    def clip_name(self, i: int) -> str:
+        """Where item i comes from, for messages: the file and its frames at 30 fps."""
+        path, start = self.items[i]
+        return f"{path} frames {start}..{start + self.n_frames - 1}"
+
     def __getitem__(self, i: int) -> Clip:
+        """Clip i, or, when it cannot be read, the first readable clip after it (see the class docstring)."""
+        import av
+
         if not 0 <= i < len(self.items):
             raise IndexError(f"clip index {i} out of range for a VideoFolder of {len(self.items)} clips")
+        j = self.replaced.get(i, i)
+        while True:
+            if j not in self.unreadable:
+                try:
+                    return self._read(j)
+                except (ValueError, av.error.FFmpegError, OSError) as e:
+                    self.unreadable[j] = str(e)
+            j = (j + 1) % len(self.items)
+            if j == i:
+                raise ValueError(
+                    f"no clip under {self.root} can be read any more (first: {self.unreadable[i]})"
+                )
+            if j not in self.unreadable:
+                print(
+                    f"skipping {self.clip_name(i)}: {self.unreadable[i]}; reading {self.clip_name(j)} instead",
+                    file=sys.stderr,
+                )
+                self.replaced[i] = j
+
+    def _read(self, i: int) -> Clip:
         path, start = self.items[i]
         frames = list(itertools.islice(read_frames(path, FPS), start, start + self.n_frames))
-        if not frames:
-            raise ValueError(f"{path} ended before frame {start}: its duration in the container is wrong")
-        frames += [frames[-1]] * (self.n_frames - len(frames))  # a duration rounded up: repeat the last frame
+        if len(frames) < self.n_frames - 1:  # one frame short is rounding of the measured length
+            raise ValueError(
+                f"{path} ends at frame {start + len(frames)} (truncated or changed since scanned)"
+            )
+        frames += [frames[-1]] * (self.n_frames - len(frames))
         n = self.n_frames * SAMPLES_PER_FRAME
         audio = read_audio(path)[:, start * SAMPLES_PER_FRAME :][:, :n]
+        if audio.shape[1] < n - SAMPLES_PER_FRAME:
+            raise ValueError(f"{path}'s audio ends inside this clip (truncated or changed since scanned)")
+        if not np.isfinite(audio).all():
+            raise ValueError(f"{path}'s audio holds NaN or infinite samples")
         audio = np.pad(audio, ((0, 0), (0, n - audio.shape[1])))
         return Clip(np.stack(frames), np.ascontiguousarray(audio), ())
 
@@ -174,32 +275,37 @@ class GridCache:
 
     def grids(self, clip_id: str, frames: np.ndarray | Tensor) -> Tensor:
         """float32 [T, gh, gw, dim] for the clip: read from disk when cached, else computed and stored."""
-        from safetensors import safe_open
         from safetensors.torch import save_file
 
         path = self.path(clip_id, tuple(frames.shape[1:3]))
         device = next(self.model.parameters()).device
-        if path.exists():
-            with safe_open(str(path), "pt") as f:
-                if f.metadata().get("clip_id") == clip_id:
-                    grids = f.get_tensor("grids")
-                    if grids.shape[0] == frames.shape[0]:
-                        self.hits += 1
-                        return grids.to(device=device, dtype=torch.float32)
+        grids = self._read(path, clip_id)
+        if grids is not None and grids.shape[0] == frames.shape[0]:
+            self.hits += 1
+            return grids.to(device=device, dtype=torch.float32)
         self.misses += 1
         # Rounded to the stored dtype, so a run gets the same values whether the cache was warm or cold.
         grids = clip_grids(self.model, frames).to(self.dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(
-                {"grids": grids.cpu().contiguous()},
-                tmp,
-                metadata={"clip_id": clip_id, "shape": json.dumps(list(grids.shape))},
-            )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        metadata = {"clip_id": clip_id, "shape": json.dumps(list(grids.shape))}
+        atomic_write(
+            path, lambda temp: save_file({"grids": grids.cpu().contiguous()}, str(temp), metadata=metadata)
+        )
         return grids.float()
+
+    @staticmethod
+    def _read(path: Path, clip_id: str) -> Tensor | None:
+        """The stored grids of `clip_id`, or None when absent, stored for another clip, damaged (a disk fault, a
+        copy cut short) or not finite: those are computed again and overwritten, never a crash on every resume."""
+        from safetensors import SafetensorError, safe_open
+
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("clip_id") != clip_id:
+                    return None
+                grids = f.get_tensor("grids")
+        except (SafetensorError, OSError, KeyError):
+            return None
+        return grids if torch.isfinite(grids).all() else None

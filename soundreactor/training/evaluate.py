@@ -325,6 +325,8 @@ def run_evaluation(
 
     from tqdm import tqdm
 
+    from soundreactor import files
+
     audios = {"ground_truth": [c.audio for c in clips]}
     systems = {"model": model, "random": random_model}
     for name, m in systems.items():
@@ -350,8 +352,8 @@ def run_evaluation(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "evaluation.md").write_text(markdown(report))
+    files.write_text(out / "evaluation.json", json.dumps(report, indent=2) + "\n")
+    files.write_text(out / "evaluation.md", markdown(report))
     plot(out / "evaluation.png", clips[0], {name: a[0] for name, a in audios.items()})
     return report
 

@@ -9,6 +9,7 @@ step times. DINOv2 and the VAE stay frozen in both AR stages.
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from soundreactor.model.soundreactor import SoundReactor
 from soundreactor.training import diffusion, ect
 from soundreactor.training.data import GridCache, VideoFolder, clip_grids
 from soundreactor.training.evaluate import VALIDATION_SEED, evaluate_vae
-from soundreactor.training.loop import Task, atomic_write, step_generator
+from soundreactor.training.loop import Task, step_generator
 from soundreactor.training.synthetic import SyntheticAV
 from soundreactor.training.train_config import TrainConfig
 from soundreactor.training.vae import VAETrainee, calibrated_init, folded_state, warmup
@@ -44,7 +45,9 @@ def dataset(cfg: TrainConfig, model: SoundReactor, frames: int):
     vision size, or every video under the folder `cfg.data`."""
     if cfg.data == "synthetic":
         return SyntheticAV(cfg.data_seed, cfg.dataset_size, frames, hw=model.config.vision_hw, hum=cfg.hum)
-    return VideoFolder(cfg.data, frames)
+    folder = VideoFolder(cfg.data, frames)
+    print("\n".join(folder.report()), file=sys.stderr)
+    return folder
 
 
 def clip_id(clips, i: int) -> str:
@@ -54,8 +57,20 @@ def clip_id(clips, i: int) -> str:
     return clips.clip_id(i)
 
 
+def clip_names(clips, cfg: TrainConfig):
+    """Task.clips: the names of the clips a step draws (the first draw of its generator, as in every batch)."""
+
+    def names(step: int, part: slice) -> list[str]:
+        indices = torch.randint(len(clips), (cfg.batch_size,), generator=step_generator(cfg.seed, step))
+        if isinstance(clips, SyntheticAV):
+            return [f"synthetic clip {i} (seed {clips.clip_seed(i)})" for i in indices[part].tolist()]
+        return [clips.clip_name(i) for i in indices[part].tolist()]
+
+    return names
+
+
 def _save(model: SoundReactor, config: ModelConfig, path: Path, extra: dict[str, str]) -> None:
-    atomic_write(path, lambda p: save_checkpoint(p, config, model.state_dict(), extra))
+    save_checkpoint(path, config, model.state_dict(), extra)
 
 
 class Features:
@@ -138,7 +153,7 @@ def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
         )["reconstruction"]
         return {k: figures[k] for k in ("onset_f1", "onset_precision", "onset_recall", "envelope_corr")}
 
-    return Task(trainee, batch, export, evaluate, select="onset_f1")
+    return Task(trainee, batch, export, evaluate, select="onset_f1", clips=clip_names(clips, cfg))
 
 
 def ar_task(
@@ -176,7 +191,7 @@ def ar_task(
         out.head.load_state_dict(module.head.state_dict())
         _save(out, out.config.replace(sampler=sampler), path, extra)
 
-    return Task(trainee, batch, export)
+    return Task(trainee, batch, export, clips=clip_names(clips, cfg))
 
 
 def _set_latent_scale(model: SoundReactor, cfg: TrainConfig, features: Features) -> None:

@@ -27,6 +27,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "max global gradient norm; 0 disables")
+    max_skipped_steps: int = option(
+        20,
+        "stop when this many steps in a row had a non-finite loss or gradient (each is skipped, not applied)",
+    )
     ema_decay: float = option(0.999, "EMA decay; the exported checkpoint holds the EMA weights")
     seed: int = option(0, "every random draw of step s comes from (seed, s), so resume and DDP equal one run")
     checkpoint_every: int = option(200, "steps between resumable checkpoints and exported models")
@@ -67,8 +71,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise ValueError("steps, batch_size and checkpoint_every must be >= 1")
+        if min(self.steps, self.batch_size, self.checkpoint_every, self.max_skipped_steps) < 1:
+            raise ValueError("steps, batch_size, checkpoint_every and max_skipped_steps must be >= 1")
         if self.vae_init not in ("keep", "calibrated"):
             raise ValueError(f"vae_init must be 'keep' or 'calibrated', got {self.vae_init!r}")
         if not 0.0 <= self.p_uncond <= 1.0:
