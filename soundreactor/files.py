@@ -40,7 +40,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     temporary file is removed.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # the folder refuses new files (read-only or virtual file system, missing)
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
     os.close(fd)
     temp = Path(name)
     try:
