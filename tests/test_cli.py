@@ -1,6 +1,8 @@
 """The command line end to end on the tiny preset: demo, init + run, and the errors users see."""
 
+import importlib.metadata
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +16,9 @@ import soundfile
 import torch
 
 from soundreactor.cli import main
+from soundreactor.default_model import CHECKPOINT as DEFAULT_CHECKPOINT
 from soundreactor.demo_video import make_demo_video
+from soundreactor.export import exporter
 from soundreactor.runtime.session import Session
 
 # A meta-path finder that makes torch and onnx unimportable, as in an environment with numpy + onnxruntime only.
@@ -303,3 +307,47 @@ def test_cuda_device_without_cuda_is_one_error_line(tmp_path, capsys):
         ]
         assert main([*argv, "--backend", backend, "--device", "cuda"]) == 2
         assert "sees no CUDA device" in _one_error_line(capsys)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"soundreactor {importlib.metadata.version('soundreactor')}"
+
+
+def test_the_shipped_model_is_named_default(tmp_path, capsys, monkeypatch):
+    """`--checkpoint default` is the shipped model in `run`, `export` and `evaluate`; `run` on torch uses it when no
+    checkpoint is given, and says so."""
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.1, size=(56, 112))
+    run = ["run", "--video", str(video), "--nfe", "1", "--out"]
+    assert main([*run, str(tmp_path / "named.wav"), "--checkpoint", "default"]) == 0
+    capsys.readouterr()
+    assert main([*run, str(tmp_path / "omitted.wav")]) == 0
+    assert "no --checkpoint: running the default model (default_small.safetensors" in capsys.readouterr().out
+    named = soundfile.read(tmp_path / "named.wav")[0]
+    np.testing.assert_array_equal(soundfile.read(tmp_path / "omitted.wav")[0], named)
+    assert np.abs(named).max() > 0
+    evaluate = ["evaluate", "--checkpoint", "default", "--scenes", "1", "--frames", "3", "--nfe", "1"]
+    assert main([*evaluate, "--out", str(tmp_path / "evaluation")]) == 0
+    report = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert report["config"]["model"] == f"checkpoint {DEFAULT_CHECKPOINT}"
+    exported = []
+
+    def export_model(model, *args, **kwargs):  # what would be exported, without the 40 s export
+        exported.append(model.config.preset)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(exporter, "export_model", export_model)
+    export = [
+        "export",
+        "--checkpoint",
+        "default",
+        "--out",
+        str(tmp_path / "engines"),
+        "--frame-size",
+        "56x112",
+    ]
+    capsys.readouterr()
+    assert main(export) == 2 and exported == ["small"]
+    assert _one_error_line(capsys) == "error: stopped by the test"
