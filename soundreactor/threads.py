@@ -28,8 +28,8 @@ def _environment_threads() -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
-def pick_threads(parameters: int, requested: int | None = None) -> tuple[int, str]:
-    """The thread count for a model of `parameters` weights, and why (for a log line or a benchmark's record).
+def pick_threads(parameters: int, requested: int | None = None) -> int:
+    """The thread count for a model of `parameters` weights.
 
     `requested` (`--threads`) wins, and may not exceed the available cores. Then OMP_NUM_THREADS, capped at the
     available cores. Otherwise a small model gets one thread, and a large one the available cores that the
@@ -40,24 +40,21 @@ def pick_threads(parameters: int, requested: int | None = None) -> tuple[int, st
             raise ValueError(
                 f"--threads {requested}: this process may run on {cores} core(s); give 1 to {cores}"
             )
-        return requested, "--threads"
+        return requested
     environment = _environment_threads()
     if environment is not None:
-        return min(environment, cores), f"OMP_NUM_THREADS={environment}, {cores} core(s) available"
+        return min(environment, cores)
     if parameters < SMALL_MODEL:
-        return 1, f"a small model ({parameters / 1e6:.1f} M parameters): one thread"
+        return 1
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    idle = max(1, min(cores, math.floor(cores - busy + 0.5)))
-    return idle, f"{cores} core(s) available, load average {busy:.1f}"
+    return max(1, min(cores, math.floor(cores - busy + 0.5)))  # the idle cores, rounded
 
 
-def set_torch_threads(parameters: int, requested: int | None = None) -> int:
-    """Set torch's intra-op pool for a model of `parameters` weights (`pick_threads`); returns the count."""
+def set_torch_threads(parameters: int, requested: int | None = None) -> None:
+    """Set torch's intra-op pool for a model of `parameters` weights (`pick_threads`)."""
     import torch  # here, so that ONNX Runtime-only runs never load torch
 
-    threads = pick_threads(parameters, requested)[0]
-    torch.set_num_threads(threads)
-    return threads
+    torch.set_num_threads(pick_threads(parameters, requested))
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

@@ -29,27 +29,27 @@ def test_the_presets_fall_on_either_side_of_the_small_model_bound():
 
 
 def test_a_small_model_runs_on_one_thread(four_cores):
-    assert pick_threads(SMALL)[0] == 1
+    assert pick_threads(SMALL) == 1
 
 
 def test_a_large_model_takes_the_cores_other_processes_leave_idle(four_cores, monkeypatch):
-    assert pick_threads(PAPER)[0] == 3  # 4 cores, load 1.2
+    assert pick_threads(PAPER) == 3  # 4 cores, load 1.2
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
-    assert pick_threads(PAPER)[0] == 1  # a saturated machine: still one
+    assert pick_threads(PAPER) == 1  # a saturated machine: still one
 
 
 def test_omp_num_threads_is_respected_up_to_the_available_cores(four_cores, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert pick_threads(SMALL)[0] == 2 and pick_threads(PAPER)[0] == 2
+    assert pick_threads(SMALL) == 2 and pick_threads(PAPER) == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "16,2")  # nested: the outer level
-    assert pick_threads(PAPER)[0] == 4
+    assert pick_threads(PAPER) == 4
     monkeypatch.setenv("OMP_NUM_THREADS", "many")  # unreadable, as OpenMP ignores it
-    assert pick_threads(SMALL)[0] == 1
+    assert pick_threads(SMALL) == 1
 
 
 def test_requested_threads_win_within_the_available_cores(four_cores, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert pick_threads(SMALL, requested=4) == (4, "--threads")
+    assert pick_threads(SMALL, requested=4) == 4
     for wrong in (0, 5):
         with pytest.raises(ValueError, match=f"--threads {wrong}: this process may run on 4 core"):
             pick_threads(PAPER, requested=wrong)

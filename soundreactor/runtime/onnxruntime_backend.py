@@ -122,7 +122,7 @@ class OrtStreams(Streams):
         providers = resolve_providers(providers)
         if options is None:
             parameters = ModelConfig.from_dict(manifest.config).parameter_estimate()
-            options = default_options(pick_threads(parameters, threads)[0])
+            options = default_options(pick_threads(parameters, threads))
         self.sessions = {g.name: self._open(g, providers, options) for g in manifest.graphs}
         self.providers = self.sessions["ar_audio"].get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
