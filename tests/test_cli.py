@@ -4,16 +4,19 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import soundfile
 import torch
+from test_export import export_once
 
 from soundreactor.cli import main
 from soundreactor.default_model import CHECKPOINT as DEFAULT_CHECKPOINT
@@ -96,14 +99,18 @@ def test_errors_name_the_problem(tmp_path, capsys):
         main(["init", "--preset", "huge", "--out", str(tmp_path / "x")])
 
 
-def test_export_check_and_run_on_onnxruntime(tmp_path, capsys):
-    """The export path end to end: ORT audio equals the torch backend's for the same checkpoint and seed."""
+def test_export_check_and_run_on_onnxruntime(tmp_path, tmp_path_factory, capsys):
+    """The export path end to end: ORT audio equals the torch backend's for the same checkpoint and seed. The export
+    goes into a folder holding another export (a copy of the suite's shared one: 2 slots, another size), which it
+    replaces as a whole, and says so."""
     checkpoint = tmp_path / "tiny.safetensors"
     main(["init", "--preset", "tiny", "--seed", "4", "--out", str(checkpoint)])
     video = make_demo_video(tmp_path / "clip.mp4", seconds=0.4, size=(64, 112), seed=5)
-    engines = tmp_path / "engines"
+    engines = Path(shutil.copytree(export_once(tmp_path_factory)[0], tmp_path / "engines"))
     export = ["export", "--checkpoint", str(checkpoint), "--out", str(engines), "--frame-size", "64x112"]
+    capsys.readouterr()
     assert main([*export, "--nfe", "2", "--slots", "1"]) == 0
+    assert f"replaced the export that was in {engines}" in capsys.readouterr().out
     assert main(["check", str(engines)]) == 0
     common = ["run", "--video", str(video), "--checkpoint", str(checkpoint), "--nfe", "2"]
     assert main([*common, "--out", str(tmp_path / "torch.wav")]) == 0
@@ -125,11 +132,6 @@ def test_export_check_and_run_on_onnxruntime(tmp_path, capsys):
     assert "frames are scaled to the session's 64x112" in result.stdout
     scaled, _ = soundfile.read(tmp_path / "x.wav", always_2d=True)
     assert scaled.shape == (6 * 1600, 2) and np.isfinite(scaled).all()  # 0.2 s at 30 fps: the whole video
-
-    capsys.readouterr()  # a second export into the folder replaces the first as a whole, and says so
-    assert main([*export, "--nfe", "2", "--slots", "1"]) == 0
-    assert f"replaced the export that was in {engines}" in capsys.readouterr().out
-    assert main(["check", str(engines)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folders
 
 
