@@ -41,7 +41,7 @@ def without_torch_and_onnx(lines: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_demo_writes_wav_mp4_and_latency(tmp_path, capsys):
-    assert main(["demo", "--out-dir", str(tmp_path), "--seconds", "1", "--nfe", "1"]) == 0
+    assert main(["demo", "--out-dir", str(tmp_path), "--seconds", "1", "--nfe", "1", "--threads", "1"]) == 0
     audio, rate = soundfile.read(tmp_path / "demo.wav", always_2d=True)
     assert rate == 48_000 and audio.shape == (30 * 1600, 2)
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0
@@ -330,7 +330,19 @@ def test_the_shipped_model_is_named_default(tmp_path, capsys, monkeypatch):
     named = soundfile.read(tmp_path / "named.wav")[0]
     np.testing.assert_array_equal(soundfile.read(tmp_path / "omitted.wav")[0], named)
     assert np.abs(named).max() > 0
-    evaluate = ["evaluate", "--checkpoint", "default", "--scenes", "1", "--frames", "3", "--nfe", "1"]
+    evaluate = [
+        "evaluate",
+        "--checkpoint",
+        "default",
+        "--scenes",
+        "1",
+        "--frames",
+        "3",
+        "--nfe",
+        "1",
+        "--threads",
+        "1",
+    ]
     assert main([*evaluate, "--out", str(tmp_path / "evaluation")]) == 0
     report = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
     assert report["config"]["model"] == f"checkpoint {DEFAULT_CHECKPOINT}"
