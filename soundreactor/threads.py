@@ -57,10 +57,20 @@ def set_torch_threads(parameters: int, requested: int | None = None) -> None:
     torch.set_num_threads(pick_threads(parameters, requested))
 
 
+def _thread_count(text: str) -> int:
+    """`--threads` checked when parsed, before a command does any work."""
+    cores = available_cores()
+    if not text.isdigit() or not 1 <= int(text) <= cores:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this process may run on {cores} core(s); give 1 to {cores}"
+        )
+    return int(text)
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
-        type=int,
+        type=_thread_count,
         help="CPU threads for the model (default: OMP_NUM_THREADS if set, else 1 for a small model and the idle "
         "cores for a large one; README, Threads)",
     )
