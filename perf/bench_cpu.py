@@ -1,6 +1,7 @@
 """CPU baseline: the eager PyTorch streaming session, per frame and per component, for `tiny` and `paper`.
 
-    python perf/bench_cpu.py [--frames 24] [--presets tiny paper]
+    python perf/bench_cpu.py [--frames 24] [--presets tiny paper] [--threads 1]
+    taskset -c 1 python perf/bench_cpu.py --threads 1     # on a shared machine: one pinned core
 
 Per-frame latency is wall time of `Session.step`; the component split comes from the stage labels the torch
 backend puts on each part of the frame (torch.profiler), over a separate profiled pass. Random weights: the cost
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, machine, percentiles, save
+from common import RESULTS, load, machine, percentiles, save, threads_line
 from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
@@ -29,6 +30,8 @@ FRAME_HW = (480, 854)
 
 
 def bench_preset(name: str, frames: int, warmup: int, nfe: int) -> dict[str, object]:
+    load_before = load()
+    print(f"{name}: {threads_line(torch.get_num_threads(), load_before)}", flush=True)
     model, _ = init_model(name, seed=0, input_hw=FRAME_HW)
     model.configure_sampling(nfe=nfe)
     session = Session(TorchStreams(model, seed=0))
@@ -45,6 +48,8 @@ def bench_preset(name: str, frames: int, warmup: int, nfe: int) -> dict[str, obj
             session.step(frame)
     per_stage = {e.key: e.cpu_time_total / 1e3 / frames for e in prof.key_averages() if e.key in STAGES}
     return {
+        "load_before": load_before,
+        "load_after": load(),
         "frame_ms": percentiles(times),
         "component_ms": {s: per_stage.get(s, float("nan")) for s in STAGES},
     }
@@ -58,6 +63,15 @@ def markdown(results: dict[str, object]) -> str:
         f"{results['machine']['torch']}. Frames {FRAME_HW[0]}x{FRAME_HW[1]}, NFE {results['nfe']}, guidance 3, "
         f"fp32, batch 1, {results['frames']} timed frames after {results['warmup']} warm-up.",
         "",
+        f"Torch threads: {results['machine']['torch_threads']} (OMP_NUM_THREADS="
+        f"{results['machine']['omp_num_threads']}), {results['machine']['available_cores']} core(s) available "
+        "to the process. Load average (1, 5, 15 min) before and after each preset: "
+        + "; ".join(
+            f"{name} {r['load_before']['load_average']} -> {r['load_after']['load_average']}"
+            for name, r in results["presets"].items()
+        )
+        + ".",
+        "",
         "| preset | p50 ms | p90 ms | p99 ms | " + " | ".join(f"{s} ms" for s in STAGES) + " |",
         "|---|---|---|---|" + "---|" * len(STAGES),
     ]
@@ -69,6 +83,8 @@ def markdown(results: dict[str, object]) -> str:
             + " |"
         )
     lines += ["", "Component times are means from a profiled pass (profiler overhead included)."]
+    if results.get("notes"):
+        lines += ["", "## Notes", "", results["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -98,10 +114,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--nfe", type=int, default=4, choices=(1, 2, 4))
     parser.add_argument("--presets", nargs="+", default=["tiny", "paper"])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--notes", default="", help="text for the Notes section of the markdown")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     results: dict[str, object] = {
         "machine": machine(),
+        "notes": args.notes,
         "frames": args.frames,
         "warmup": args.warmup,
         "nfe": args.nfe,

@@ -2,13 +2,19 @@
 
 For each preset: seeded random weights at the preset's sizes (latency does not depend on the values), fp32 graphs
 exported to a temporary directory (paper: about 2 GB, under /tmp, never in the repository), then warm-up and timed
-frames through TorchStreams and OrtStreams one after the other (not interleaved: ORT's spinning worker threads
-and torch's OpenMP threads would fight over the cores). Components are timed by wrapping the model's stage
-methods (torch) and each graph's `run_with_iobinding` (ORT); a frame's time is the whole `step` call. Then a few
-profiled ORT frames give the time per operator type. Writes perf/results/onnxruntime_cpu.{json,md}.
+frames through TorchStreams and OrtStreams: alternating frame by frame with one thread each (both see the same
+load), one backend after the other with more (ORT's worker threads and torch's OpenMP threads would fight over the
+cores). Components are timed by wrapping the model's stage methods (torch) and each graph's `run_with_iobinding`
+(ORT); a frame's time is the whole `step` call. Then a few profiled ORT frames give the time per operator type.
+Writes perf/results/onnxruntime_cpu.{json,md}.
 
-    python perf/bench_onnxruntime.py                          # tiny and paper, 30 timed frames each
+    python perf/bench_onnxruntime.py                          # tiny and paper, 30 timed frames each, 1 thread
     python perf/bench_onnxruntime.py --presets tiny --frames 10
+    taskset -c 1 python perf/bench_onnxruntime.py --threads 1  # on a shared machine: one pinned core
+
+The thread settings and the load average before and after each preset are recorded: eager torch's many small
+parallel ops suffer most when other processes hold cores, so a speedup measured on a busy machine with torch's
+default threads says more about the machine than about the backends.
 """
 
 from __future__ import annotations
@@ -32,12 +38,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "perf"))
+
+from common import load, threads_line  # noqa: E402
 
 from soundreactor.demo_video import demo_frames  # noqa: E402
 from soundreactor.export.exporter import export_model  # noqa: E402
 from soundreactor.model.soundreactor import SoundReactor, init_model  # noqa: E402
 from soundreactor.runtime.onnxruntime_backend import OrtStreams, default_options  # noqa: E402
 from soundreactor.runtime.torch_backend import TorchStreams  # noqa: E402
+from soundreactor.threads import available_cores  # noqa: E402
 
 FRAME_HW = {"tiny": (240, 426), "small": (240, 426), "paper": (480, 854)}
 COMPONENTS = ("ar_audio", "vision", "ar_vision", "sampler", "vae_decoder")
@@ -141,27 +151,39 @@ def bench_preset(preset: str, warmup: int, frames: int, threads: int, workdir: P
     export_s = time.perf_counter() - start
     export_bytes = sum(f.stat().st_size for f in directory.iterdir())
 
-    load_before = os.getloadavg()[0]  # other processes on the machine skew every number below
+    load_before = load()  # other processes on the machine skew every number below
+    print(f"{preset}: {threads_line(torch.get_num_threads(), load_before)}", flush=True)
     torch_times = instrument_torch(model)
     torch_streams = TorchStreams(model, seed=0)
-    with torch.no_grad():
-        run_frames(torch_streams.step, clip[:warmup])
-        for values in torch_times.values():
-            values.clear()
-        torch_frames, torch_audio = run_frames(torch_streams.step, clip[warmup:])
-        torch_components = {k: 1e3 * float(np.mean(torch_times[k])) for k in COMPONENTS}
-
     ort_streams = OrtStreams(directory, seed=0, options=ort_options(threads))
     ort_times = instrument_ort(ort_streams)
-    run_frames(ort_streams.step, clip[:warmup])
-    for values in ort_times.values():
-        values.clear()
-    ort_frames, ort_audio = run_frames(ort_streams.step, clip[warmup:])
+    with torch.no_grad():
+        run_frames(torch_streams.step, clip[:warmup])
+        run_frames(ort_streams.step, clip[:warmup])
+        for values in (*torch_times.values(), *ort_times.values()):
+            values.clear()
+        if threads == 1:  # no thread pools to fight: alternate frames, so both see the same load
+            pairs = [
+                (
+                    run_frames(torch_streams.step, clip[i : i + 1]),
+                    run_frames(ort_streams.step, clip[i : i + 1]),
+                )
+                for i in range(warmup, len(clip))
+            ]
+            torch_frames = [t for (ts, _), _ in pairs for t in ts]
+            torch_audio = [a for (_, audio), _ in pairs for a in audio]
+            ort_frames = [t for _, (ts, _) in pairs for t in ts]
+            ort_audio = [a for _, (_, audio) in pairs for a in audio]
+        else:  # one after the other: ORT's workers and torch's OpenMP threads would take each other's cores
+            torch_frames, torch_audio = run_frames(torch_streams.step, clip[warmup:])
+            ort_frames, ort_audio = run_frames(ort_streams.step, clip[warmup:])
+    torch_components = {k: 1e3 * float(np.mean(torch_times[k])) for k in COMPONENTS}
     ort_components = {k: 1e3 * float(np.mean(ort_times[k])) for k in COMPONENTS}
     del ort_streams, torch_streams, model
 
     result = {
-        "load_average_1min": load_before,
+        "load_before": load_before,
+        "load_after": load(),
         "frame_hw": list(frame_hw),
         "warmup_frames": warmup,
         "timed_frames": frames,
@@ -184,8 +206,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"CPU: {report['cpu']} ({report['cores']} cores), torch {report['torch']} ({report['torch_threads']} threads),"
         f" onnxruntime {report['onnxruntime']} (threads: {report['ort_threads']}), fp32, batch 1, frames timed after"
-        " warm-up. Load average before timing: "
-        + ", ".join(f"{p} {r['load_average_1min']:.1f}" for p, r in report["presets"].items())
+        f" warm-up. {report['available_cores']} core(s) available to the process, OMP_NUM_THREADS="
+        f"{report['omp_num_threads']}. Load average (1, 5, 15 min) before and after each preset: "
+        + "; ".join(
+            f"{p} {r['load_before']['load_average']} -> {r['load_after']['load_average']}"
+            for p, r in report["presets"].items()
+        )
         + ".",
         "",
         "| preset | frame | torch ms/frame (p50, p90) | ORT ms/frame (p50, p90) | speedup (mean) | audio diff |",
@@ -229,7 +255,9 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,paper")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--frames", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=0, help="torch and ORT threads (0: their defaults)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and ORT threads (default 1; 0: the libraries' defaults)"
+    )
     parser.add_argument(
         "--workdir", default=tempfile.gettempdir(), help="where graphs are exported (not the repo)"
     )
@@ -246,6 +274,8 @@ def main() -> None:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "ort_threads": args.threads or "one per physical core",
+        "available_cores": available_cores(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "onnxruntime": ort.__version__,
         "presets": {},
         "notes": args.notes,

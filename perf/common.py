@@ -12,6 +12,22 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 
 
+def load() -> dict[str, object]:
+    """What else the machine was doing: the 1/5/15-minute load averages (runnable processes; on N cores, N means
+    busy) and the cores this process may use (taskset). Record it before and after timing."""
+    from soundreactor.threads import available_cores
+
+    return {"load_average": [round(x, 2) for x in os.getloadavg()], "available_cores": available_cores()}
+
+
+def threads_line(torch_threads: object, info: dict[str, object]) -> str:
+    """One line for the results and the console: thread settings and load."""
+    return (
+        f"threads: torch {torch_threads} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), "
+        f"{info['available_cores']} core(s) available of {os.cpu_count()}, load average {info['load_average']}"
+    )
+
+
 def machine() -> dict[str, object]:
     """What the numbers were measured on: CPU model and cores, and the GPU when torch sees one."""
     cpu = platform.processor() or "unknown"
@@ -21,7 +37,13 @@ def machine() -> dict[str, object]:
             line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
         ]
         cpu = names[0] if names else cpu
-    info: dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    info: dict[str, object] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        **load(),
+    }
     try:
         import torch
 

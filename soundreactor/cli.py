@@ -4,21 +4,23 @@ evaluate | triton-repo | serve | stream`."""
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from soundreactor.calibration.commands import add_commands as add_calibration_commands
 from soundreactor.config import PRESETS
+from soundreactor.default_model import CHECKPOINT as DEFAULT_CHECKPOINT
 from soundreactor.engine.commands import add_commands as add_engine_commands
 from soundreactor.engine.tensorrt_env import TensorRTMissing
 from soundreactor.export.commands import add_commands as add_export_commands
 from soundreactor.outputs import MP4_SUFFIXES, WAV_SUFFIXES, OutputPathError, check_outputs, check_suffix
 from soundreactor.serving.commands import add_commands as add_serving_commands
+from soundreactor.threads import add_threads_argument, set_torch_threads
 from soundreactor.training.commands import add_commands as add_training_commands
 from soundreactor.training.evaluate import add_evaluate_command
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from soundreactor.media import VideoInfo
 
 BACKENDS = ("torch", "cuda-graph", "onnxruntime", "tensorrt")
+DEFAULT_NAME = "default"  # `--checkpoint default`: the shipped model (a file of that name: ./default)
 
 
 def _session(args: argparse.Namespace, video: VideoInfo):
@@ -41,7 +44,7 @@ def _session(args: argparse.Namespace, video: VideoInfo):
 
             providers = args.providers.split(",")
             return ort_session_from_dir(
-                args.engines, args.seed, providers, args.checkpoint, args.nfe, args.guidance
+                args.engines, args.seed, providers, args.checkpoint, args.nfe, args.guidance, args.threads
             )
         from soundreactor.runtime.tensorrt_backend import trt_session_from_dir
 
@@ -52,7 +55,8 @@ def _session(args: argparse.Namespace, video: VideoInfo):
     from soundreactor.model.soundreactor import SoundReactor
 
     if not args.checkpoint:
-        raise ValueError(f"--backend {args.backend} needs --checkpoint FILE (made by `soundreactor init`)")
+        args.checkpoint = str(DEFAULT_CHECKPOINT)
+        print(f"no --checkpoint: running the default model ({DEFAULT_CHECKPOINT.name}, small preset)")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"--device {args.device}: this torch {torch.__version__} sees no CUDA device; run on a GPU machine with "
@@ -60,6 +64,7 @@ def _session(args: argparse.Namespace, video: VideoInfo):
         )
     model = SoundReactor.load(args.checkpoint, input_hw=(video.height, video.width))
     model.configure_sampling(nfe=args.nfe, guidance=args.guidance)
+    set_torch_threads(model.config.parameter_estimate(), args.threads)
     if args.backend == "torch":
         from soundreactor.runtime.torch_backend import TorchStreams
 
@@ -140,7 +145,6 @@ DEMO_HW = (224, 448)  # 4x the small preset's 56x112 vision size: its frames dow
 
 def cmd_demo(args: argparse.Namespace) -> None:
     import soundfile
-    import torch
 
     from soundreactor.default_model import load_default
     from soundreactor.demo_video import write_video
@@ -169,16 +173,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         model = load_default(DEMO_HW)
         weights = "the default model (small preset, trained on synthetic scenes)"
     model.configure_sampling(nfe=args.nfe)
+    set_torch_threads(model.config.parameter_estimate(), args.threads)
     session = Session(TorchStreams(model, seed=args.seed))
-    threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # one frame of these presets is too small to split over threads: on 2 cores, 2 threads took 47 ms a
-        # frame against 22 ms for one
-        torch.set_num_threads(1)
-    try:
-        report = video_to_wav(session, video, out / "demo.wav")
-    finally:
-        torch.set_num_threads(threads)
+    report = video_to_wav(session, video, out / "demo.wav")
     mux(video, out / "demo.wav", out / "demo.mp4")
     print(f"wrote {out / 'demo.wav'} and {out / 'demo.mp4'} ({weights}, seed {args.seed})")
     audio = soundfile.read(out / "demo.wav", dtype="float32", always_2d=True)[0].T
@@ -194,6 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soundreactor", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     init = sub.add_parser(
@@ -218,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate audio for a video, frame by frame")
     run.add_argument("--video", required=True, help="video file, FIFO or pipe; - reads standard input")
-    run.add_argument("--checkpoint", help="checkpoint (torch backends); checked against an export if given")
+    run.add_argument(
+        "--checkpoint",
+        help="checkpoint, or `default` for the shipped model (torch backends: the default when omitted); "
+        "checked against an export if given",
+    )
     run.add_argument("--backend", choices=BACKENDS, default="torch")
     run.add_argument("--engines", metavar="DIR", help="export directory (onnxruntime, tensorrt backends)")
     run.add_argument("--providers", default="cpu", help="onnxruntime providers, e.g. cuda,cpu")
@@ -235,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--guidance", type=float)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="cpu")
+    add_threads_argument(run)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="the main job on a built-in default: no downloads, no GPU")
@@ -245,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--random", action="store_true", help="tiny preset with random weights instead of the default model"
     )
+    add_threads_argument(demo)
     demo.set_defaults(func=cmd_demo)
 
     add_export_commands(sub)
@@ -256,19 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    try:
+        return metadata.version("soundreactor")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Exit status 0, 2 for an error (one `error:` line), 130 when interrupted by Ctrl-C or
-    SIGTERM (what was kept on disk is printed)."""
+    """Run one command. Exit status 0, 1 for a negative verdict (`calibrate --report`: NOT acceptable), 2 for an
+    error (one `error:` line), 130 when interrupted by Ctrl-C or SIGTERM (what was kept on disk is printed)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "checkpoint", None) == DEFAULT_NAME:
+        args.checkpoint = str(DEFAULT_CHECKPOINT)
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     if in_main_thread:
         previous = signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop is a Ctrl-C
     try:
-        args.func(args)
+        status = args.func(args)
     except KeyboardInterrupt as err:
         print(str(err) or "interrupted", file=sys.stderr)
         return 130
@@ -287,4 +300,4 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    return 0
+    return status or 0

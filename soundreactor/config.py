@@ -403,7 +403,8 @@ def tiny() -> ModelConfig:
 
 def small() -> ModelConfig:
     """The tiny preset's structure and framing with a 128-token (64-frame, 2.1 s) training window, sized to train
-    on one 2-core CPU (perf/train_default.sh) and to run at 7.7 ms a frame through ONNX Runtime on 2 cores.
+    on one 2-core CPU (perf/train_default.sh) and to stream in real time on one idle CPU core (eager torch: 22-25 ms
+    a frame at the demo's 224x448; ONNX Runtime about 3x faster, perf/results/onnxruntime_cpu_1core.md).
 
     DINOv2 stays tiny and random-frozen, as in the training issue's measurement (the synthetic scenes' shapes and
     colours survive random features); VAE channels 8 (2.4 MB) with 16 latent dims, a smaller target for the head.

@@ -16,12 +16,14 @@ from onnx import TensorProto, numpy_helper
 from test_export import FRAME_HW, export_once
 
 from soundreactor.calibration import metrics
+from soundreactor.calibration import report as report_module
 from soundreactor.calibration.calibrate import RECORD_NAME, calibrate, check_components, write_export_dir
 from soundreactor.calibration.chain import GraphChain, load_frames, open_session
 from soundreactor.calibration.commands import add_commands
 from soundreactor.calibration.quantize import QUANTIZED_OPS, prepare_graph, scheme, stays_float
 from soundreactor.calibration.ranges import RangeCollector, summarize
 from soundreactor.calibration.report import evaluate
+from soundreactor.cli import main
 from soundreactor.demo_video import make_demo_video
 from soundreactor.export.manifest import FRAME_ORDER, load_manifest
 from soundreactor.runtime.onnxruntime_backend import OrtStreams
@@ -241,16 +243,16 @@ def test_report_tracks_the_graphs(fp32_dir: Path, quantized, reports, source, tm
     assert report.components["vision"] == fine.components["vision"]
 
 
-def run_cli(argv: list[str]) -> None:
+def run_cli(argv: list[str]) -> int | None:
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(required=True))
     args = parser.parse_args(argv)
-    args.func(args)
+    return args.func(args)
 
 
 def test_calibrate_command_writes_dir_and_report(fp32_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "int8"
-    run_cli(
+    status = run_cli(
         [
             "calibrate",
             "--engines",
@@ -269,12 +271,29 @@ def test_calibrate_command_writes_dir_and_report(fp32_dir: Path, tmp_path: Path,
     assert "verdict: int8" in printed
     assert printed.count("not judged, ORT integer kernels on this CPU") == 4
     data = json.loads((out / "calibration_report.json").read_text())
+    assert status == (0 if data["acceptable"] else 1)  # scripts see the verdict
     assert data["quantized"] == {"sampler": "int8"} and data["evaluation_data"]["frames"] == 4
     assert data["components"]["sampler"][0]["value"] > 20
     assert (out / "calibration_report.png").stat().st_size > 10_000
     markdown = (out / "calibration_report.md").read_text()
     assert "| sampler | latent SNR dB |" in markdown and "Not judged: end to end on ONNX Runtime" in markdown
     assert [m["name"] for m in data["ort_kernels_not_judged"]] == [m["name"] for m in data["end_to_end"]]
+
+
+@pytest.mark.parametrize("acceptable", [True, False])
+def test_the_exit_status_is_the_verdict(
+    fp32_dir: Path, tmp_path: Path, capsys, monkeypatch, acceptable
+) -> None:
+    """`calibrate --report` exits 1 on a NOT acceptable verdict, 0 on an acceptable one (either way the graphs and
+    the report are written). The verdict is forced: which one random weights get is not the point here."""
+    monkeypatch.setattr(report_module.AccuracyReport, "acceptable", property(lambda self: acceptable))
+    argv = ["calibrate", "--engines", str(fp32_dir), "--out", str(tmp_path / "q"), "--frames", "2"]
+    assert main([*argv, "--components", "sampler", "--report"]) == (0 if acceptable else 1)
+    printed = capsys.readouterr().out
+    assert printed.strip().endswith(
+        "verdict: int8 acceptable" if acceptable else "verdict: int8 NOT acceptable"
+    )
+    assert (tmp_path / "q" / "calibration_report.json").is_file()
 
 
 def test_bad_input_errors(fp32_dir: Path, tmp_path: Path) -> None:

@@ -1,20 +1,27 @@
 """The command line end to end on the tiny preset: demo, init + run, and the errors users see."""
 
+import importlib.metadata
 import importlib.util
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import soundfile
 import torch
+from test_export import export_once
 
 from soundreactor.cli import main
+from soundreactor.default_model import CHECKPOINT as DEFAULT_CHECKPOINT
 from soundreactor.demo_video import make_demo_video
+from soundreactor.export import exporter
 from soundreactor.runtime.session import Session
 
 # A meta-path finder that makes torch and onnx unimportable, as in an environment with numpy + onnxruntime only.
@@ -34,7 +41,7 @@ def without_torch_and_onnx(lines: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_demo_writes_wav_mp4_and_latency(tmp_path, capsys):
-    assert main(["demo", "--out-dir", str(tmp_path), "--seconds", "1", "--nfe", "1"]) == 0
+    assert main(["demo", "--out-dir", str(tmp_path), "--seconds", "1", "--nfe", "1", "--threads", "1"]) == 0
     audio, rate = soundfile.read(tmp_path / "demo.wav", always_2d=True)
     assert rate == 48_000 and audio.shape == (30 * 1600, 2)
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0
@@ -92,14 +99,18 @@ def test_errors_name_the_problem(tmp_path, capsys):
         main(["init", "--preset", "huge", "--out", str(tmp_path / "x")])
 
 
-def test_export_check_and_run_on_onnxruntime(tmp_path, capsys):
-    """The export path end to end: ORT audio equals the torch backend's for the same checkpoint and seed."""
+def test_export_check_and_run_on_onnxruntime(tmp_path, tmp_path_factory, capsys):
+    """The export path end to end: ORT audio equals the torch backend's for the same checkpoint and seed. The export
+    goes into a folder holding another export (a copy of the suite's shared one: 2 slots, another size), which it
+    replaces as a whole, and says so."""
     checkpoint = tmp_path / "tiny.safetensors"
     main(["init", "--preset", "tiny", "--seed", "4", "--out", str(checkpoint)])
     video = make_demo_video(tmp_path / "clip.mp4", seconds=0.4, size=(64, 112), seed=5)
-    engines = tmp_path / "engines"
+    engines = Path(shutil.copytree(export_once(tmp_path_factory)[0], tmp_path / "engines"))
     export = ["export", "--checkpoint", str(checkpoint), "--out", str(engines), "--frame-size", "64x112"]
+    capsys.readouterr()
     assert main([*export, "--nfe", "2", "--slots", "1"]) == 0
+    assert f"replaced the export that was in {engines}" in capsys.readouterr().out
     assert main(["check", str(engines)]) == 0
     common = ["run", "--video", str(video), "--checkpoint", str(checkpoint), "--nfe", "2"]
     assert main([*common, "--out", str(tmp_path / "torch.wav")]) == 0
@@ -121,11 +132,6 @@ def test_export_check_and_run_on_onnxruntime(tmp_path, capsys):
     assert "frames are scaled to the session's 64x112" in result.stdout
     scaled, _ = soundfile.read(tmp_path / "x.wav", always_2d=True)
     assert scaled.shape == (6 * 1600, 2) and np.isfinite(scaled).all()  # 0.2 s at 30 fps: the whole video
-
-    capsys.readouterr()  # a second export into the folder replaces the first as a whole, and says so
-    assert main([*export, "--nfe", "2", "--slots", "1"]) == 0
-    assert f"replaced the export that was in {engines}" in capsys.readouterr().out
-    assert main(["check", str(engines)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folders
 
 
@@ -303,3 +309,59 @@ def test_cuda_device_without_cuda_is_one_error_line(tmp_path, capsys):
         ]
         assert main([*argv, "--backend", backend, "--device", "cuda"]) == 2
         assert "sees no CUDA device" in _one_error_line(capsys)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"soundreactor {importlib.metadata.version('soundreactor')}"
+
+
+def test_the_shipped_model_is_named_default(tmp_path, capsys, monkeypatch):
+    """`--checkpoint default` is the shipped model in `run`, `export` and `evaluate`; `run` on torch uses it when no
+    checkpoint is given, and says so."""
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=0.1, size=(56, 112))
+    run = ["run", "--video", str(video), "--nfe", "1", "--out"]
+    assert main([*run, str(tmp_path / "named.wav"), "--checkpoint", "default"]) == 0
+    capsys.readouterr()
+    assert main([*run, str(tmp_path / "omitted.wav")]) == 0
+    assert "no --checkpoint: running the default model (default_small.safetensors" in capsys.readouterr().out
+    named = soundfile.read(tmp_path / "named.wav")[0]
+    np.testing.assert_array_equal(soundfile.read(tmp_path / "omitted.wav")[0], named)
+    assert np.abs(named).max() > 0
+    evaluate = [
+        "evaluate",
+        "--checkpoint",
+        "default",
+        "--scenes",
+        "1",
+        "--frames",
+        "3",
+        "--nfe",
+        "1",
+        "--threads",
+        "1",
+    ]
+    assert main([*evaluate, "--out", str(tmp_path / "evaluation")]) == 0
+    report = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
+    assert report["config"]["model"] == f"checkpoint {DEFAULT_CHECKPOINT}"
+    exported = []
+
+    def export_model(model, *args, **kwargs):  # what would be exported, without the 40 s export
+        exported.append(model.config.preset)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(exporter, "export_model", export_model)
+    export = [
+        "export",
+        "--checkpoint",
+        "default",
+        "--out",
+        str(tmp_path / "engines"),
+        "--frame-size",
+        "56x112",
+    ]
+    capsys.readouterr()
+    assert main(export) == 2 and exported == ["small"]
+    assert _one_error_line(capsys) == "error: stopped by the test"

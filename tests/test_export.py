@@ -1,13 +1,15 @@
 """ONNX export: every graph against the PyTorch model it came from (ORT CPU), the manifest, and bad export dirs.
 
-`export_once` is shared with test_check.py and test_onnxruntime_backend.py: an export takes ~10 s, so each
-precision is exported once per test session (through the `export` command) and reused.
+`export_once` is shared with test_check.py, test_calibration.py and test_onnxruntime_backend.py: an export takes
+~10 s, so each precision is exported once per test run (through the `export` command) and reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -43,19 +45,25 @@ def run_command(argv: list[str]) -> None:
 
 
 def export_once(tmp_path_factory: pytest.TempPathFactory, precision: str = "fp32") -> tuple[Path, Path]:
-    """(export dir, checkpoint) of the tiny preset, exported by `soundreactor export` once per session."""
+    """(export dir, checkpoint) of the tiny preset, exported by `soundreactor export` once per test run: under
+    pytest-xdist the workers share one copy (the first to need it exports, under a lock; the others wait for it).
+    Read only: a test that changes an export copies it first."""
     base = tmp_path_factory.getbasetemp()
-    checkpoint = base / "tiny.safetensors"
-    if not checkpoint.exists():
-        init_model("tiny", seed=3)[0].save(checkpoint)
-    out = base / f"export_tiny_{precision}"
-    if not (out / "manifest.json").exists():
-        options = {"--nfe": NFE, "--guidance": GUIDANCE, "--precision": precision, "--slots": SLOTS}
-        options["--frame-size"] = f"{FRAME_HW[0]}x{FRAME_HW[1]}"
-        run_command(
-            ["export", "--checkpoint", str(checkpoint), "--out", str(out)]
-            + [str(x) for pair in options.items() for x in pair]
-        )
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base = base.parent  # this run's folder, shared by its workers
+    with open(base / "export_tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        checkpoint = base / "tiny.safetensors"
+        if not checkpoint.exists():
+            init_model("tiny", seed=3)[0].save(checkpoint)
+        out = base / f"export_tiny_{precision}"
+        if not (out / "manifest.json").exists():
+            options = {"--nfe": NFE, "--guidance": GUIDANCE, "--precision": precision, "--slots": SLOTS}
+            options["--frame-size"] = f"{FRAME_HW[0]}x{FRAME_HW[1]}"
+            run_command(
+                ["export", "--checkpoint", str(checkpoint), "--out", str(out)]
+                + [str(x) for pair in options.items() for x in pair]
+            )
     return out, checkpoint
 
 

@@ -16,6 +16,7 @@ from soundreactor.demo_video import demo_frames
 from soundreactor.runtime.onnxruntime_backend import OrtStreams, default_options, ort_session_from_dir
 from soundreactor.runtime.session import FrameError
 from soundreactor.runtime.torch_backend import TorchStreams
+from soundreactor.threads import available_cores
 
 FRAMES = 24  # tiny window: 16 tokens = 8 frames, so the KV ring wraps three times
 
@@ -31,9 +32,7 @@ def one_thread():
 
 
 def single_thread() -> ort.SessionOptions:
-    options = default_options()
-    options.intra_op_num_threads = 1
-    return options
+    return default_options(threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +112,18 @@ def test_failed_frame_leaves_the_streams_intact(exported, frames, monkeypatch):
         streams.step(pair(frames, 9)[..., :2], schedule(9))
     out.append(streams.step(pair(frames, 9), schedule(9)))
     np.testing.assert_array_equal(np.stack(out), np.stack(expected))
+
+
+def test_sessions_run_on_the_threads_picked_for_the_model(exported, monkeypatch):
+    """The tiny model gets one intra-op thread per session by default; `threads` sets another count."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def counts(streams: OrtStreams) -> set[int]:
+        return {s.get_session_options().intra_op_num_threads for s in streams.sessions.values()}
+
+    assert counts(OrtStreams(exported[0])) == {1}
+    cores = available_cores()
+    assert counts(OrtStreams(exported[0], threads=cores)) == {cores}
 
 
 def test_wrong_frame_size_names_the_fix(exported, frames):

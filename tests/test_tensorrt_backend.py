@@ -6,6 +6,7 @@ Tests that need TensorRT and a GPU skip here (SPEC 7: TensorRT cannot be install
 
 import argparse
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from test_export import SLOTS, export_once
 from tolerance import rounding_atol
 
 import soundreactor.runtime.tensorrt_backend as tensorrt_backend
@@ -22,20 +24,14 @@ from soundreactor.engine.commands import add_commands
 from soundreactor.engine.compare import compare_outputs, random_feed, run_onnxruntime
 from soundreactor.engine.kv_scatter import use_tensor_scatter
 from soundreactor.export.check import check_model, describe
-from soundreactor.export.exporter import export_model
-from soundreactor.model.soundreactor import init_model
 
-SLOTS = 2
 NO_TENSORRT = "TensorRT is not installable here (SPEC 7): the registry's tensorrt packages are stubs"
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("export")
-    model, _ = init_model("tiny", seed=0)
-    model.configure_sampling(nfe=2)
-    export_model(model, directory, slots=SLOTS)
-    return directory
+    """A copy of the suite's shared tiny fp32 export (2 slots): these tests write graphs and engines next to it."""
+    return Path(shutil.copytree(export_once(tmp_path_factory)[0], tmp_path_factory.mktemp("export") / "tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 
-def cmd_calibrate(args: argparse.Namespace) -> None:
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Exit status 1 when the report's verdict is NOT acceptable (the graphs are written either way)."""
     from soundreactor.calibration.calibrate import calibrate, check_components
     from soundreactor.calibration.chain import load_frames
     from soundreactor.calibration.quantize import scheme
@@ -37,6 +38,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         for metric in report.ort_kernels or ():
             print(f"  not judged, ORT integer kernels on this CPU: {metric.describe()}")
         print(f"verdict: {args.scheme} {'acceptable' if report.acceptable else 'NOT acceptable'}")
+        if not report.acceptable:
+            return 1
+    return 0
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -61,7 +61,11 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser("export", help="export the per-frame ONNX graphs and their manifest")
-    export.add_argument("--checkpoint", required=True, help="a checkpoint made by `soundreactor init`")
+    export.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint made by `soundreactor init`, or `default` for the shipped model",
+    )
     export.add_argument(
         "--out", required=True, help="output directory (an existing export there is replaced when done)"
     )

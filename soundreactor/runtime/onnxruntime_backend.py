@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from soundreactor.config import check_guidance
+from soundreactor.config import ModelConfig, check_guidance
 from soundreactor.export.manifest import (
     REEXPORT,
     ExportDirError,
@@ -33,6 +33,7 @@ from soundreactor.export.manifest import (
 )
 from soundreactor.noise import NoiseSource
 from soundreactor.runtime.session import Session, Streams, check_active, check_frames
+from soundreactor.threads import pick_threads
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ORT_TYPES = {
@@ -68,11 +69,13 @@ def resolve_providers(requested: Sequence[str]) -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
-def default_options() -> ort.SessionOptions:
-    """Worker threads that sleep instead of spinning when idle. Each of the five sessions owns a thread pool, and
+def default_options(threads: int = 0) -> ort.SessionOptions:
+    """`threads` intra-op threads per session (0: ONNX Runtime's choice, one per physical core), workers that
+    sleep instead of spinning when idle. Each of the five sessions owns a thread pool, and
     while one runs, the others' spinning workers take its cores: 235 ms per paper frame without spinning, 330 ms
     with it, on 2 otherwise idle cores (and far worse next to torch or any other busy process)."""
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
@@ -88,8 +91,10 @@ class OrtStreams(Streams):
         checkpoint: str | Path | None = None,
         guidance: float | None = None,
         options: ort.SessionOptions | None = None,
+        threads: int | None = None,
     ) -> None:
-        """`options` replaces `default_options()`; `checkpoint`, when given, must be the one exported from."""
+        """`checkpoint`, when given, must be the one exported from. `options` replaces `default_options()`, whose
+        thread count is `threads` or else `pick_threads`' choice for the exported model."""
         guidance = None if guidance is None else check_guidance(guidance)
         self.directory = Path(directory)
         self.manifest = manifest = load_manifest(directory)
@@ -115,7 +120,9 @@ class OrtStreams(Streams):
         self.samples_per_frame = manifest.graph("vae_decoder").output("audio").shape[-1]
 
         providers = resolve_providers(providers)
-        options = options or default_options()
+        if options is None:
+            parameters = ModelConfig.from_dict(manifest.config).parameter_estimate()
+            options = default_options(pick_threads(parameters, threads))
         self.sessions = {g.name: self._open(g, providers, options) for g in manifest.graphs}
         self.providers = self.sessions["ar_audio"].get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
@@ -225,11 +232,12 @@ def ort_session_from_dir(
     checkpoint: str | Path | None = None,
     nfe: int | None = None,
     guidance: float | None = None,
+    threads: int | None = None,
 ) -> Session:
     """One stream on the ONNX Runtime backend, checked against the checkpoint and NFE the caller expects."""
 
     streams = OrtStreams(
-        engines_dir, seed=seed, providers=providers, checkpoint=checkpoint, guidance=guidance
+        engines_dir, seed=seed, providers=providers, checkpoint=checkpoint, guidance=guidance, threads=threads
     )
     check_single_stream(streams.manifest, engines_dir, nfe)
     return Session(streams)

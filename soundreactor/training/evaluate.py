@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import itertools
 
+from soundreactor.threads import add_threads_argument, set_torch_threads
+
 SAMPLE_RATE = 48000
 FPS = 30
 TOLERANCE_S = 1 / FPS  # +-1 video frame
@@ -380,6 +382,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     for m in (model, random_model):
         if m is not None:
             m.configure_sampling(nfe=args.nfe, guidance=args.guidance)
+    set_torch_threads(random_model.config.parameter_estimate(), args.threads)
     report = run_evaluation(model, random_model, clips, args.out, args.seed, description)
     print(markdown(report))
     print(f"wrote {Path(args.out) / 'evaluation.json'}, evaluation.md and evaluation.png")
@@ -396,7 +399,9 @@ def add_evaluate_command(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="our safetensors checkpoint to evaluate")
+    which.add_argument(
+        "--checkpoint", help="our safetensors checkpoint to evaluate, or `default` for the shipped model"
+    )
     which.add_argument("--random", action="store_true", help="no checkpoint: ground truth vs random weights")
     p.add_argument(
         "--preset", default="tiny", help="preset of the random weights with --random (default tiny)"
@@ -408,4 +413,5 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--nfe", type=int, default=None, help="sampler steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the checkpoint's)")
     p.add_argument("--out", default="evaluation", help="output folder (default ./evaluation)")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_evaluate)
