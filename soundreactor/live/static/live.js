@@ -26,6 +26,7 @@ function freshStats() {
     chunksReceived: 0,
     underruns: 0,
     droppedFrames: 0, // frames never answered: dropped here (server behind, socket backlog) or by the server
+    serverDropped: 0, // of droppedFrames, those the server dropped (a "dropped" message)
     trimmedMs: 0, // audio the worklet dropped to keep latency down
     outOfOrder: 0,
     latencies: [],
@@ -37,6 +38,8 @@ function freshStats() {
     startedAt: performance.now(),
     bufferedMs: 0,
     cushionMs: 0,
+    stream: null,
+    slot: null,
   };
 }
 
@@ -196,24 +199,27 @@ async function start() {
   s.timer = frameTimer(s);
 }
 
-function stop() {
+// Stops grabbing at once, lets the frames already sent come back (at most a second), then ends the stream.
+async function stop() {
   const s = session;
   if (!s) return;
   s.stopping = true;
   session = null;
   clearTimeout(s.timer);
-  if (s.socket && s.socket.readyState === WebSocket.OPEN) {
-    s.socket.send(JSON.stringify({ type: "stop" }));
-    s.socket.close(1000, "stopped");
-  }
-  if (s.audio) {
-    s.audio.player.port.postMessage({ type: "reset" });
-    s.audio.context.close();
-  }
-  if (s.closeSource) s.closeSource();
   $("start").disabled = false;
   $("stop").disabled = true;
-  setStatus("stopped");
+  const socket = s.socket;
+  const deadline = performance.now() + 1000;
+  while (socket && socket.readyState === WebSocket.OPEN && s.inFlight.size && performance.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  if (socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({ type: "stop" }));
+    socket.close(1000, "stopped");
+  }
+  if (s.audio) s.audio.context.close();
+  if (s.closeSource) s.closeSource();
+  if (!session) setStatus("stopped");
 }
 
 async function loadConfig() {
@@ -245,6 +251,8 @@ function connect(s) {
         s.stream = msg.stream;
         s.slot = msg.slot;
         s.frameSize = msg.frame_size;
+        stats.stream = msg.stream;
+        stats.slot = msg.slot;
         resolve();
       } else if (!ready && msg.type === "error") {
         reject(new Error(msg.message));
@@ -269,6 +277,7 @@ function onServerMessage(s, msg) {
   if (msg.type === "dropped") {
     s.inFlight.delete(msg.seq);
     stats.droppedFrames++;
+    stats.serverDropped++;
     if (msg.reason === "behind") showWarning("The server is behind real time: frames are being dropped.");
   } else if (msg.type === "behind") {
     showWarning(`The server is behind real time by ${Math.round(msg.ms)} ms: frames are being dropped.`);
@@ -478,6 +487,7 @@ window.soundreactorLive = {
       chunksReceived: stats.chunksReceived,
       underruns: stats.underruns,
       droppedFrames: stats.droppedFrames,
+      serverDropped: stats.serverDropped,
       outOfOrder: stats.outOfOrder,
       latencyMs: { p50: percentile(stats.latencies, 0.5), p90: percentile(stats.latencies, 0.9) },
       roundTripMs: { p50: percentile(stats.roundTrips, 0.5), p90: percentile(stats.roundTrips, 0.9) },
@@ -486,7 +496,8 @@ window.soundreactorLive = {
       bufferedMs: stats.bufferedMs,
       cushionMs: stats.cushionMs,
       trimmedMs: stats.trimmedMs,
-      stream: session ? session.stream : null,
+      stream: stats.stream, // of the current or last stream
+      slot: stats.slot,
       running: Boolean(session),
       error: $("error").hidden ? null : $("error").textContent,
     };
@@ -494,7 +505,7 @@ window.soundreactorLive = {
   history: () => stats.history.slice(), // [ms since Start the frame was shown, latency ms]
   seqs: () => stats.seqs.slice(), // sequence numbers of the chunks received, in arrival order
   start,
-  stop,
+  stop, // a promise: resolves once the stream has ended
 };
 
 function init() {

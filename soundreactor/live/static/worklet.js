@@ -36,17 +36,7 @@ class LivePlayer extends AudioWorkletProcessor {
     this.underruns = 0;
     this.dropped = 0; // samples dropped for being far behind
     this.quanta = 0;
-    this.port.onmessage = (event) => this.receive(event.data);
-  }
-
-  receive(msg) {
-    if (msg.type === "chunk") this.push(msg.seq, msg.samples);
-    else if (msg.type === "reset") {
-      this.read = this.written;
-      this.starts = [];
-      this.state = "idle";
-      this.fadeIn = true;
-    }
+    this.port.onmessage = (event) => this.push(event.data.seq, event.data.samples);
   }
 
   push(seq, interleaved) {
