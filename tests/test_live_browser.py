@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from tolerance import module_depth, rounding_atol
 
-from soundreactor.demo_video import demo_frames
+from soundreactor.demo_video import demo_frames, write_y4m
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
@@ -36,22 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 CAMERA_HW = (180, 320)  # the fake camera's picture; the page scales it to the session's frame size
 MAX_IN_FLIGHT = 6  # live.js: frames the page may have sent and not yet had answered when it stops
 SERVER_START_S = 120
-
-
-def write_y4m(path: Path, frames: list[np.ndarray], fps: int = 30) -> Path:
-    """RGB uint8 frames as a Y4M (I420, BT.601 full range): Chromium's fake camera loops it."""
-    height, width = frames[0].shape[:2]
-    with open(path, "wb") as out:
-        out.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
-        for rgb in frames:
-            r, g, b = (rgb[..., c].astype(np.float32) for c in range(3))
-            y = 0.299 * r + 0.587 * g + 0.114 * b
-            u = 0.564 * (b - y) + 128
-            v = 0.713 * (r - y) + 128
-            out.write(b"FRAME\n")
-            for plane in (y, *(c.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)) for c in (u, v))):
-                out.write(np.clip(np.rint(plane), 0, 255).astype(np.uint8).tobytes())
-    return path
 
 
 @pytest.fixture(scope="module")
