@@ -4,14 +4,14 @@
 // starts a cushion after the first chunk arrives; an underrun (the ring runs dry while playing) fades out, grows
 // the cushion and waits again. Latency never builds up: when more than `cushion + maxAhead` is buffered the
 // oldest audio is dropped at once, and when the audio left at every chunk's arrival stayed above the cushion for a
-// whole second (after a slow first frame or a burst) the excess is dropped. Every start after a gap or a drop
+// half second (after a slow first frame or a burst) the excess is dropped. Every start after a gap or a drop
 // fades in.
 // Times are stamped here, on the render clock (currentFrame), because this is where audio is actually played.
 
 const RING_SECONDS = 2; // hard bound on buffered audio
 const FADE = 64; // samples of fade at gaps (1.3 ms at 48 kHz)
 const CLOCK_EVERY = 8; // render quanta between clock reports to the page
-const TRIM_WINDOW = 30; // chunks (one second) over which the smallest level on arrival is watched
+const TRIM_WINDOW = 15; // chunks (half a second) over which the smallest level on arrival is watched
 
 class LivePlayer extends AudioWorkletProcessor {
   constructor(options) {
@@ -21,7 +21,7 @@ class LivePlayer extends AudioWorkletProcessor {
     this.cushionStep = ms(opts.cushionStepMs ?? 10);
     this.cushionMax = ms(opts.cushionMaxMs ?? 150);
     this.maxAhead = ms(opts.maxAheadMs ?? 100);
-    this.slack = ms(opts.slackMs ?? 10); // excess over the cushion tolerated before trimming
+    this.slack = ms(opts.slackMs ?? 6); // excess over the cushion tolerated before trimming
     this.lowest = Infinity; // smallest level on a chunk's arrival in this window
     this.arrivals = 0;
     this.capacity = Math.round(RING_SECONDS * sampleRate);
