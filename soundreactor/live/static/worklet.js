@@ -2,7 +2,8 @@
 //
 // The cushion is the audio still buffered when the next chunk arrives: the margin against late chunks. Playback
 // starts a cushion after the first chunk arrives; an underrun (the ring runs dry while playing) fades out, grows
-// the cushion and waits again. Latency never builds up: when more than `cushion + maxAhead` is buffered the
+// the cushion and waits again; every 10 s without one it shrinks back half a step (a passing load spike must not
+// cost latency for good). Latency never builds up: when more than `cushion + maxAhead` is buffered the
 // oldest audio is dropped at once, and when the audio left at every chunk's arrival stayed above the cushion for a
 // half second (after a slow first frame or a burst) the excess is dropped. Every start after a gap or a drop
 // fades in.
@@ -11,6 +12,7 @@
 const RING_SECONDS = 2; // hard bound on buffered audio
 const FADE = 64; // samples of fade at gaps (1.3 ms at 48 kHz)
 const CLOCK_EVERY = 8; // render quanta between clock reports to the page
+const CALM_SECONDS = 10; // playing this long without an underrun shrinks the cushion by half a step
 const TRIM_WINDOW = 15; // chunks (half a second) over which the smallest level on arrival is watched
 
 class LivePlayer extends AudioWorkletProcessor {
@@ -18,6 +20,8 @@ class LivePlayer extends AudioWorkletProcessor {
     super();
     const opts = options.processorOptions || {};
     this.cushion = ms(opts.cushionMs ?? 20);
+    this.cushionMin = this.cushion;
+    this.calm = 0; // samples played since the last underrun or shrink
     this.cushionStep = ms(opts.cushionStepMs ?? 10);
     this.cushionMax = ms(opts.cushionMaxMs ?? 150);
     this.maxAhead = ms(opts.maxAheadMs ?? 100);
@@ -115,6 +119,11 @@ class LivePlayer extends AudioWorkletProcessor {
     }
     this.read += count;
     this.fadeIn = false;
+    this.calm += count;
+    if (this.calm >= CALM_SECONDS * sampleRate) {
+      this.cushion = Math.max(this.cushionMin, this.cushion - (this.cushionStep >> 1));
+      this.calm = 0;
+    }
     if (count < size) {
       // Ran dry: fade the tail out, wait a larger cushion for the next audio.
       for (let i = Math.max(0, count - FADE); i < count; i++) {
@@ -123,6 +132,7 @@ class LivePlayer extends AudioWorkletProcessor {
         outR[i] *= gain;
       }
       this.underruns++;
+      this.calm = 0;
       this.cushion = Math.min(this.cushion + this.cushionStep, this.cushionMax);
       this.state = "idle";
       this.fadeIn = true;
