@@ -99,7 +99,7 @@ def measure(url: str, server_pid: int, clip: Path, seconds: float, screenshot: P
         stats = page.evaluate("window.soundreactorLive.stats()")
         if screenshot:
             screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot))
+            page.locator("body").screenshot(path=str(screenshot))  # the page's content, no empty margin
         page.evaluate("window.soundreactorLive.stop()")
         browser.close()
     return {"history": history, "stats": stats, "server_cores": cpu}

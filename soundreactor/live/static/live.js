@@ -196,7 +196,7 @@ async function start() {
   }
   $("stop").disabled = false;
   setStatus(`streaming (stream ${s.stream}, slot ${s.slot})`);
-  s.timer = frameTimer(s);
+  startFrames(s);
 }
 
 // Stops grabbing at once, lets the frames already sent come back (at most a second), then ends the stream.
@@ -288,7 +288,7 @@ function onServerMessage(s, msg) {
 
 // ---------------------------------------------------------------- frames up
 
-function frameTimer(s) {
+function startFrames(s) {
   const period = 1000 / config.fps;
   const [height, width] = s.frameSize || config.frame_size;
   const canvas = new OffscreenCanvas(width, height);
@@ -312,7 +312,6 @@ function frameTimer(s) {
     s.timer = setTimeout(next, Math.max(0, begin + tick * period - now));
   };
   next();
-  return s.timer;
 }
 
 function grab(s, ctx, canvas, viewCtx) {
