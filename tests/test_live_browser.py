@@ -89,21 +89,26 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(clip):
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            ignore_default_args=["--mute-audio"],
-            args=[
-                "--no-sandbox",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-video-capture={clip}",
-                "--autoplay-policy=no-user-gesture-required",
-            ],
-        )
-        yield chromium
-        chromium.close()
+def playwright():
+    with sync_api.sync_playwright() as running:  # one per thread: every browser here comes from it
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(playwright, clip):
+    chromium = playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        ignore_default_args=["--mute-audio"],
+        args=[
+            "--no-sandbox",
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-video-capture={clip}",
+            "--autoplay-policy=no-user-gesture-required",
+        ],
+    )
+    yield chromium
+    chromium.close()
 
 
 def open_page(browser, url: str):
@@ -222,3 +227,26 @@ def test_two_pages_stream_independently_a_third_is_refused_until_a_tab_closes(se
     # Ran beside two other streams in one batch, yet its audio is what it would be alone.
     assert_recording_is_run(record, final["stream"], tmp_path, final["chunksReceived"])
     assert not first.script_errors + second.script_errors + third.script_errors
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # no fake device and no camera on the machine
+        (["--use-fake-ui-for-media-stream"], "No camera found: connect a camera"),
+        # a camera, but headless Chromium answers the permission prompt with "block"
+        (["--use-fake-device-for-media-stream"], "Camera permission was denied: allow camera access"),
+    ],
+    ids=["no camera", "permission denied"],
+)
+def test_a_missing_or_refused_camera_is_explained_on_the_page(server, playwright, flags, message):
+    url, _ = server
+    chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", *flags])
+    try:
+        page = chromium.new_page()
+        page.goto(f"{url}?source=camera&autostart=1")
+        page.wait_for_function("window.soundreactorLive.stats().error", timeout=30_000)
+        assert message in page.locator("#error").inner_text()
+        assert page.locator("#start").is_enabled() and not stats(page)["running"]
+    finally:
+        chromium.close()

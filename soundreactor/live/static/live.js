@@ -378,6 +378,7 @@ function onChunk(s, buffer) {
     pushBounded(stats.roundTrips, performance.now() - times.sent, KEEP);
     s.shownBySeq = s.shownBySeq || new Map();
     s.shownBySeq.set(seq, times.shown);
+    if (s.shownBySeq.size > KEEP) s.shownBySeq.delete(s.shownBySeq.keys().next().value); // never played
   }
   const last = stats.seqs.length ? stats.seqs[stats.seqs.length - 1] : -1;
   if (seq <= last) stats.outOfOrder++;
