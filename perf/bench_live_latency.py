@@ -12,11 +12,13 @@ started, drift (latency over the first 5 s against the last 5 s). Writes perf/re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,7 @@ from playwright.sync_api import sync_playwright
 from soundreactor.demo_video import demo_frames, write_y4m
 
 REPO = Path(__file__).resolve().parents[1]
+SOUNDREACTOR = [sys.executable, "-m", "soundreactor"]
 CAMERA_HW = (360, 640)
 TRITON_HW = "56x112"  # the default model's vision size: the frames `soundreactor live` asks the page for
 FLAGS = [
@@ -44,7 +47,7 @@ FLAGS = [
 def start(command: list[str], pattern: str, timeout_s: float = 600) -> tuple[subprocess.Popen, re.Match]:
     """Run a soundreactor command until a line of its output matches `pattern`."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "soundreactor", *command],
+        [*SOUNDREACTOR, *command],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -62,6 +65,14 @@ def start(command: list[str], pattern: str, timeout_s: float = 600) -> tuple[sub
             return process, found
     process.kill()
     raise RuntimeError(f"`soundreactor {' '.join(command)}` never printed {pattern!r}: {''.join(seen)}")
+
+
+def free_ports(count: int) -> list[int]:
+    with contextlib.ExitStack() as held:  # all bound at once, so they differ
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -176,11 +187,15 @@ def markdown(results: dict, name: str) -> str:
             f"{s['server_cores']:.2f} |"
         )
     runs = results["runs"]
-    if "triton, torch" in runs and "in process, torch" in runs:
-        added = runs["triton, torch"]["latency_ms"]["p50"] - runs["in process, torch"]["latency_ms"]["p50"]
+    backend = results["backend"]
+    if f"triton, {backend}" in runs:
+        added = (
+            runs[f"triton, {backend}"]["latency_ms"]["p50"]
+            - runs[f"in process, {backend}"]["latency_ms"]["p50"]
+        )
         lines += [
             "",
-            f"`--triton` (tritonserver on this machine, torch backend, one slot) adds {added:+.1f} ms at p50 over "
+            f"`--triton` (tritonserver 2.51 on this machine, {backend}, one slot) adds {added:+.1f} ms at p50 over "
             "in process on the same backend (runs one after the other).",
         ]
     lines += [
@@ -217,36 +232,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clip = write_y4m(Path(tmp) / "clip.y4m", demo_frames(240, CAMERA_HW))
         live = ["live", "--port", "0", "--slots", "1", "--threads", "1"]
-        backends = [args.backend] + (["torch"] if args.triton and args.backend != "torch" else [])
-        for backend in backends:
-            server, found = start([*live, "--backend", backend], r"open (http\S+)")
-            try:
-                shot = args.screenshot if backend == args.backend else None
-                run = measure(found.group(1), server.pid, clip, args.seconds, shot)
-            finally:
-                stop(server)
-            results["runs"][f"in process, {backend}"] = summarize(run, args.seconds)
+        server, found = start([*live, "--backend", args.backend], r"open (http\S+)")
+        try:
+            run = measure(found.group(1), server.pid, clip, args.seconds, args.screenshot)
+        finally:
+            stop(server)
+        results["runs"][f"in process, {args.backend}"] = summarize(run, args.seconds)
         if args.triton:
-            # The same checkpoint on the torch backend, one slot, served by tritonserver; the page's frames go
-            # through `soundreactor live --triton` (one gRPC stream per page).
-            repo = Path(tmp) / "repo"
+            # The same checkpoint and backend, one slot, served by tritonserver; the page's frames go through
+            # `soundreactor live --triton` (one gRPC stream per page).
             checkpoint = REPO / "soundreactor" / "assets" / "default_small.safetensors"
+            engines, repo = Path(tmp) / "engines", Path(tmp) / "repo"
+            source = ["--checkpoint", str(checkpoint)]
+            if args.backend == "onnxruntime":
+                subprocess.run([*SOUNDREACTOR, "export", *source, "--out", str(engines), "--slots", "1",
+                                "--frame-size", TRITON_HW], cwd=REPO, check=True)  # fmt: skip
+                source = ["--engines", str(engines)]
             subprocess.run(
-                [sys.executable, "-m", "soundreactor", "triton-repo", "--out", str(repo), "--checkpoint",
-                 str(checkpoint), "--backend", "torch", "--slots", "1", "--frame-size", TRITON_HW],
+                [*SOUNDREACTOR, "triton-repo", "--out", str(repo), *source, "--backend", args.backend,
+                 "--slots", "1", "--frame-size", TRITON_HW],
                 cwd=REPO, check=True,
             )  # fmt: skip
-            ports = ["--http-port", "18700", "--grpc-port", "18701", "--metrics-port", "18702"]
+            http, grpc, metrics = free_ports(3)
+            ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
             serve, _ = start(["serve", "--repo", str(repo), *ports], r"^serving ")
             try:
-                relay, found = start([*live, "--triton", "127.0.0.1:18701"], r"open (http\S+)")
+                relay, found = start([*live, "--triton", f"127.0.0.1:{grpc}"], r"open (http\S+)")
                 try:
                     run = measure(found.group(1), relay.pid, clip, args.seconds, None)
                 finally:
                     stop(relay)
             finally:
                 stop(serve)
-            results["runs"]["triton, torch"] = summarize(run, args.seconds)
+            results["runs"][f"triton, {args.backend}"] = summarize(run, args.seconds)
     results["load_after"] = load_average()
     plot(results, RESULTS / f"{args.name}.png")
     print(save(args.name, results, markdown(results, args.name)).read_text())
