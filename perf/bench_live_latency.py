@@ -17,7 +17,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -76,7 +75,7 @@ def free_ports(count: int) -> list[int]:
 
 
 def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGINT)
+    process.terminate()  # SIGTERM is a Ctrl-C to the CLI (SIGINT may be ignored in a background job)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:

@@ -11,7 +11,6 @@ import json
 import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -80,7 +79,7 @@ def server(tmp_path_factory):
         process.kill()
         pytest.fail(f"`soundreactor live` did not print its URL: {''.join(seen)}")
     yield url, record
-    process.send_signal(signal.SIGINT)  # Ctrl-C: stops cleanly, finishing the recordings
+    process.terminate()  # SIGTERM is a Ctrl-C to the CLI (and is not ignored in background jobs)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
