@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from tolerance import module_depth, rounding_atol
 
-from soundreactor.demo_video import demo_frames, write_y4m
+from soundreactor.demo_video import demo_frames, make_demo_video, write_y4m
+from soundreactor.media import pick_video_encoder
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
@@ -249,3 +250,20 @@ def test_a_missing_or_refused_camera_is_explained_on_the_page(server, playwright
         assert page.locator("#start").is_enabled() and not stats(page)["running"]
     finally:
         chromium.close()
+
+
+def test_a_video_file_streams_like_the_camera(server, browser, tmp_path):
+    if pick_video_encoder() != "h264":
+        pytest.skip("this FFmpeg has no H.264 encoder, and Chromium plays no MPEG-4 part 2")
+    url, _ = server
+    video = make_demo_video(tmp_path / "clip.mp4", seconds=2, size=CAMERA_HW)
+    page = browser.new_context().new_page()
+    page.goto(url)
+    page.set_input_files("#file", str(video))
+    page.check('input[name="source"][value="file"]', force=True)  # the radio is drawn as a tab
+    page.click("#start")
+    wait_chunks(page, 15)
+    final = stop(page)
+    assert final["framesSent"] - MAX_IN_FLIGHT <= final["chunksReceived"] + final["serverDropped"]
+    assert final["chunksReceived"] + final["serverDropped"] <= final["framesSent"]
+    page.context.close()
