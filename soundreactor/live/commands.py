@@ -58,6 +58,8 @@ def cmd_live(args: argparse.Namespace) -> None:
     from soundreactor.live.server import create_app
     from soundreactor.live.slots import SlotStepper
 
+    if args.slots < 1:
+        raise ValueError(f"--slots must be at least 1, got {args.slots}")
     context = ssl_context(args.certfile, args.keyfile)
     if context is None and not is_loopback(args.host):
         print(

@@ -132,7 +132,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     except (TimeoutError, ConnectionError):
         await ws.close()
         return ws
-    lane = await engine.acquire()
+    try:
+        lane = await engine.acquire()
+    except ProtocolError as err:
+        await ws.send_str(protocol.error(err.code, str(err)))
+        await ws.close()
+        return ws
     if lane is None:
         await ws.send_str(
             protocol.error("server_full", f"server full ({engine.slots} streams): try again later")
