@@ -80,7 +80,7 @@ class LiveServer:
             raise RuntimeError(f"soundreactor live exited with {self.process.wait()} before it was ready")
 
     def stop(self) -> None:
-        self.process.send_signal(2)  # Ctrl-C: the recordings are finished and renamed
+        self.process.terminate()  # stops like Ctrl-C: the recordings are finished and renamed
         self.process.wait(timeout=60)
 
 
