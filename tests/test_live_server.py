@@ -354,9 +354,11 @@ async def gated_run(model, datas, queue_frames, max_lag_s, wait_s=0.0):
         await asyncio.to_thread(gated.entered.wait, 30)
         for k, data in enumerate(datas[1:], start=1):
             await ws.send_bytes(protocol.SEQ.pack(k) + data)
-        # the frames are queued once the server has read them: a config round trip comes after them on the loop
-        while engine.lanes[0].last_seq < len(datas) - 1:
+        for _ in range(3000):  # until the server has read and queued them all (the server runs in this loop)
+            if engine.lanes[0].last_seq == len(datas) - 1:
+                break
             await asyncio.sleep(0.01)
+        assert engine.lanes[0].last_seq == len(datas) - 1
         await asyncio.sleep(wait_s)
         gated.gate.set()
         events, answered = [], set()
