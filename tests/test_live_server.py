@@ -354,9 +354,11 @@ async def gated_run(model, datas, queue_frames, max_lag_s, wait_s=0.0):
         await asyncio.to_thread(gated.entered.wait, 30)
         for k, data in enumerate(datas[1:], start=1):
             await ws.send_bytes(protocol.SEQ.pack(k) + data)
-        # the frames are queued once the server has read them: a config round trip comes after them on the loop
-        while engine.lanes[0].last_seq < len(datas) - 1:
+        for _ in range(3000):  # until the server has read and queued them all (the server runs in this loop)
+            if engine.lanes[0].last_seq == len(datas) - 1:
+                break
             await asyncio.sleep(0.01)
+        assert engine.lanes[0].last_seq == len(datas) - 1
         await asyncio.sleep(wait_s)
         gated.gate.set()
         events, answered = [], set()
@@ -518,3 +520,21 @@ def test_live_command_prints_the_url_warns_off_localhost_and_stops_on_ctrl_c(che
     assert "Traceback" not in stderr
     assert "warning: serving on 0.0.0.0 over plain HTTP" in stderr
     assert "live: torch, 1 slots, frames 28x42" in lines
+
+
+def test_live_command_errors_are_one_line(capsys, tmp_path):
+    from soundreactor import cli
+
+    pytest.importorskip("tritonclient.grpc", reason="--triton needs tritonclient")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    cases = [
+        (["--slots", "0"], "--slots must be at least 1"),
+        (["--record", str(not_a_folder)], "is a file: give a folder"),
+        (["--checkpoint", str(tmp_path / "missing.safetensors")], "checkpoint not found"),
+        (["--triton", "127.0.0.1:1", "--port", "0"], "start a server with `soundreactor serve`"),
+    ]
+    for args, says in cases:
+        assert cli.main(["live", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and err.count("\n") == 1, err

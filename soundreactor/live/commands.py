@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -37,20 +38,30 @@ def ssl_context(certfile: str | None, keyfile: str | None):
 
 
 async def serve(app, host: str, port: int, ssl, on_ready) -> None:
-    """Run `app` until cancelled (Ctrl-C), calling `on_ready(url)` once the socket listens."""
+    """Run `app` until Ctrl-C or SIGTERM, calling `on_ready(url)` once the socket listens.
+
+    The loop's own signal handlers wake it at once (a Python-level handler would wait for the next socket event
+    when the signal lands on one of the model's threads), also where the shell started us with SIGINT ignored.
+    """
     from aiohttp import web
 
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
     try:
+        await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl)
         await site.start()
         bound = runner.addresses[0][1]
         name = f"[{host}]" if ":" in host else host
         on_ready(f"{'https' if ssl else 'http'}://{name}:{bound}/")
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await runner.cleanup()  # closes the sockets, frees the slots, finishes the recordings
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def cmd_live(args: argparse.Namespace) -> None:
@@ -58,6 +69,8 @@ def cmd_live(args: argparse.Namespace) -> None:
     from soundreactor.live.server import create_app
     from soundreactor.live.slots import SlotStepper
 
+    if args.slots < 1:
+        raise ValueError(f"--slots must be at least 1, got {args.slots}")
     context = ssl_context(args.certfile, args.keyfile)
     if context is None and not is_loopback(args.host):
         print(
@@ -96,11 +109,9 @@ def cmd_live(args: argparse.Namespace) -> None:
             print(f"live: {info['backend']}, {engine.slots} slots, frames {h}x{w}")
             print(f"open {url} (stop with Ctrl-C)", flush=True)
 
-        try:
-            asyncio.run(serve(app, args.host, args.port, context, ready))
-        except KeyboardInterrupt:
-            kept = f"; recordings in {args.record}" if args.record else ""
-            raise KeyboardInterrupt(f"stopped{kept}") from None
+        asyncio.run(serve(app, args.host, args.port, context, ready))
+        kept = f"; recordings in {args.record}" if args.record else ""
+        raise KeyboardInterrupt(f"stopped{kept}")  # the exit status of a Ctrl-C (130), without a traceback
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -52,8 +52,6 @@ def build_streams(
 
     from soundreactor.model.soundreactor import SoundReactor
 
-    if slots < 1:
-        raise ValueError(f"--slots must be at least 1, got {slots}")
     model = SoundReactor.load(checkpoint, input_hw=frame_hw)
     if backend == "torch":
         from soundreactor.runtime.torch_backend import TorchStreams

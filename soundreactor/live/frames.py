@@ -19,15 +19,17 @@ class JpegDecoder:
     def decode(self, data: bytes) -> np.ndarray:
         """The frame at the session's size; a frame of another size is scaled to it the way `soundreactor run`
         scales video frames (area interpolation, aspect not kept). Raises ProtocolError bad_frame."""
+        h, w = self.frame_hw
         try:
             frames = self.codec.decode(av.Packet(data))
-        except av.error.FFmpegError as err:
+            if len(frames) != 1:
+                raise ProtocolError(
+                    "bad_frame", f"frame message held {len(frames)} pictures: send one JPEG each"
+                )
+            frame = frames[0]
+            if (frame.height, frame.width) == (h, w):
+                return frame.to_ndarray(format="rgb24")
+            self.scaled += 1
+            return frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="AREA")
+        except (av.error.FFmpegError, ValueError) as err:  # ValueError: a pixel format PyAV cannot convert
             raise ProtocolError("bad_frame", f"frame is not a decodable JPEG ({err})") from None
-        if len(frames) != 1:
-            raise ProtocolError("bad_frame", f"frame message held {len(frames)} pictures: send one JPEG each")
-        frame = frames[0]
-        h, w = self.frame_hw
-        if (frame.height, frame.width) == (h, w):
-            return frame.to_ndarray(format="rgb24")
-        self.scaled += 1
-        return frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="AREA")

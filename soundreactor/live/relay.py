@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from soundreactor.live import protocol
 from soundreactor.live.lanes import Lane
+from soundreactor.live.protocol import ProtocolError
 from soundreactor.media import SAMPLE_RATE
 from soundreactor.serving.client import StreamClient, StreamError, StreamTimeout
 from soundreactor.serving.repository import SAMPLES_PER_FRAME
@@ -51,6 +52,10 @@ class TritonRelay:
         probe = await self._call(self.client_factory, self.url, self.model, timeout_s=self.timeout_s)
         try:
             self.frame_hw = await self._call(probe.frame_hw)
+        except StreamError as err:
+            raise ValueError(
+                f"--triton {self.url}: {err}; start a server with `soundreactor serve`"
+            ) from None
         finally:
             await self._call(probe.close)
 
@@ -70,9 +75,11 @@ class TritonRelay:
             client = await self._call(
                 self.client_factory, self.url, self.model, sequence_id=sequence_id, timeout_s=self.timeout_s
             )
-        except Exception:
+        except Exception as err:  # grpc's and tritonclient's own errors
             del self.lanes[lane.slot]
-            raise
+            raise ProtocolError(
+                "upstream_unavailable", f"cannot reach {self.url}: {err}", fatal=True
+            ) from None
         lane.sequence_id = sequence_id
         wake = asyncio.Event()
         lane.on_frame = wake.set

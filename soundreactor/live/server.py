@@ -132,7 +132,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     except (TimeoutError, ConnectionError):
         await ws.close()
         return ws
-    lane = await engine.acquire()
+    try:
+        lane = await engine.acquire()
+    except ProtocolError as err:
+        await ws.send_str(protocol.error(err.code, str(err)))
+        await ws.close()
+        return ws
     if lane is None:
         await ws.send_str(
             protocol.error("server_full", f"server full ({engine.slots} streams): try again later")
@@ -140,25 +145,23 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         await ws.close()
         return ws
     stream = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    if app[RECORD] is not None:
-        lane.recorder = _recorder(app, stream, lane)
-    await ws.send_str(
-        protocol.message("ready", stream=stream, frame_size=list(engine.frame_hw), slot=lane.slot)
-    )
-    writer = asyncio.create_task(_write(ws, lane))
-    watcher = asyncio.create_task(_watch(ws, lane, request))
-    try:
+    tasks: list[asyncio.Task] = []
+    try:  # from here on, however the connection ends, the slot is freed
+        if app[RECORD] is not None:
+            lane.recorder = _recorder(app, stream, lane)
+        lane.send(protocol.message("ready", stream=stream, frame_size=list(engine.frame_hw), slot=lane.slot))
+        tasks = [asyncio.create_task(_write(ws, lane)), asyncio.create_task(_watch(ws, lane, request))]
         await _read(ws, lane, JpegDecoder(engine.frame_hw), limit)
     finally:
         # aiohttp cancels the handler when the peer goes away: the ending runs as its own task, to completion
-        ending = asyncio.create_task(_end(app, ws, lane, (watcher, writer), stream))
+        ending = asyncio.create_task(_end(app, ws, lane, tasks, stream))
         app[ENDING].add(ending)
         ending.add_done_callback(app[ENDING].discard)
         await asyncio.shield(ending)
     return ws
 
 
-async def _end(app: web.Application, ws, lane: Lane, tasks: tuple[asyncio.Task, ...], stream: str) -> None:
+async def _end(app: web.Application, ws, lane: Lane, tasks: list[asyncio.Task], stream: str) -> None:
     """Free the slot, stop the socket's tasks, finish the recording."""
     await app[ENGINE].release(lane)
     for task in tasks:

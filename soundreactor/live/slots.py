@@ -19,7 +19,7 @@ import numpy as np
 
 from soundreactor.live import protocol
 from soundreactor.live.lanes import Lane, Pending
-from soundreactor.runtime.session import FrameError, Streams
+from soundreactor.runtime.session import Streams
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,9 @@ class SlotStepper:
             start = time.perf_counter()
             try:
                 audio = await loop.run_in_executor(self._worker, self.streams.step, frames, active)
-            except (FrameError, RuntimeError, ValueError) as err:  # the backend left every slot as it was
+            except (
+                Exception
+            ) as err:  # any backend's own error type; a failed step leaves every slot as it was
                 log.exception("step failed")
                 for lane, pending in batch:
                     lane.send(protocol.error("step_failed", f"frame {pending.seq} was not processed: {err}"))
