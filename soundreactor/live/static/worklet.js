@@ -133,6 +133,8 @@ class LivePlayer extends AudioWorkletProcessor {
       }
       this.underruns++;
       this.calm = 0;
+      this.lowest = Infinity; // a new trim window starts with the next playback
+      this.arrivals = 0;
       this.cushion = Math.min(this.cushion + this.cushionStep, this.cushionMax);
       this.state = "idle";
       this.fadeIn = true;
