@@ -469,7 +469,8 @@ function updateReadout() {
   const p90 = percentile(stats.latencies, 0.9);
   $("latency").textContent = p50 === null ? "–" : `${fmt(p50)} / ${fmt(p90)}`;
   $("roundtrip").textContent = fmt(percentile(stats.roundTrips, 0.5));
-  $("cushion").textContent = session ? `${fmt(stats.bufferedMs)} / ${fmt(stats.cushionMs)}` : "–";
+  $("buffered").textContent = session ? fmt(stats.bufferedMs) : "–";
+  $("cushion").textContent = session ? fmt(stats.cushionMs) : "–";
   $("step").textContent = fmt(percentile(stats.steps, 0.5));
   $("dropped").textContent = stats.droppedFrames;
   $("sent").textContent = stats.framesSent;

@@ -2,7 +2,7 @@
 //
 // The cushion is the audio still buffered when the next chunk arrives: the margin against late chunks. Playback
 // starts a cushion after the first chunk arrives; an underrun (the ring runs dry while playing) fades out, grows
-// the cushion and waits again; every 10 s without one it shrinks back half a step (a passing load spike must not
+// the cushion and waits again; every 5 s without one it shrinks back half a step (a passing load spike must not
 // cost latency for good). Latency never builds up: when more than `cushion + maxAhead` is buffered the
 // oldest audio is dropped at once, and when the audio left at every chunk's arrival stayed above the cushion for a
 // half second (after a slow first frame or a burst) the excess is dropped. Every start after a gap or a drop
@@ -12,7 +12,7 @@
 const RING_SECONDS = 2; // hard bound on buffered audio
 const FADE = 64; // samples of fade at gaps (1.3 ms at 48 kHz)
 const CLOCK_EVERY = 8; // render quanta between clock reports to the page
-const CALM_SECONDS = 10; // playing this long without an underrun shrinks the cushion by half a step
+const CALM_SECONDS = 5; // playing this long without an underrun shrinks the cushion by half a step
 const TRIM_WINDOW = 15; // chunks (half a second) over which the smallest level on arrival is watched
 
 class LivePlayer extends AudioWorkletProcessor {
@@ -23,8 +23,8 @@ class LivePlayer extends AudioWorkletProcessor {
     this.cushionMin = this.cushion;
     this.calm = 0; // samples played since the last underrun or shrink
     this.cushionStep = ms(opts.cushionStepMs ?? 10);
-    this.cushionMax = ms(opts.cushionMaxMs ?? 150);
-    this.maxAhead = ms(opts.maxAheadMs ?? 100);
+    this.cushionMax = ms(opts.cushionMaxMs ?? 80); // past this, gaps come from overload, not jitter
+    this.maxAhead = ms(opts.maxAheadMs ?? 60);
     this.slack = ms(opts.slackMs ?? 6); // excess over the cushion tolerated before trimming
     this.lowest = Infinity; // smallest level on a chunk's arrival in this window
     this.arrivals = 0;
