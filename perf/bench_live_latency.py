@@ -219,6 +219,7 @@ def main() -> None:
     parser.add_argument("--triton", action="store_true", help="also relay through a `soundreactor serve`")
     parser.add_argument("--name", default="live_latency_cpu")
     parser.add_argument("--screenshot", type=Path, help="save the page at the end of the in-process run")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report (how to read it)")
     args = parser.parse_args()
 
     results = {
@@ -227,7 +228,7 @@ def main() -> None:
         "seconds": args.seconds,
         "load_before": load_average(),
         "runs": {},
-        "notes": [],
+        "notes": args.note,
     }
     with tempfile.TemporaryDirectory() as tmp:
         clip = write_y4m(Path(tmp) / "clip.y4m", demo_frames(240, CAMERA_HW))
