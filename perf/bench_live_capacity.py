@@ -184,6 +184,40 @@ def recorder_ms_per_frame(hw: tuple[int, int], frames: int = 300) -> dict[str, f
     return {"cpu_ms": cpu / frames * 1e3, "wall_ms": wall / frames * 1e3}
 
 
+def step_cpu_ms(slots: int, frames: list[bytes], steps: int = 60) -> dict[str, float]:
+    """The default model's step over `slots` streams, all active, on the live command's default CPU backend
+    (onnxruntime, one thread), in this process's CPU time: what the step costs the cores,
+    whatever else the machine runs. Frames are the clients' JPEGs, decoded as the server does."""
+    from contextlib import ExitStack
+
+    from soundreactor.live.engines import build_streams, checkpoint_path
+    from soundreactor.live.frames import JpegDecoder
+
+    decoder = JpegDecoder((56, 112))
+    pictures = [decoder.decode(f) for f in frames[:slots]]
+    batch = np.stack([pictures[k % len(pictures)] for k in range(slots)])
+    with ExitStack() as resources:
+        streams = build_streams(
+            checkpoint_path("default"), "onnxruntime", slots, 0, None, 1, resources, note=lambda _: None
+        )
+        streams.step(batch)  # first run: allocations
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(steps):
+            streams.step(batch)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"slots": slots, "cpu_ms": cpu / steps * 1e3, "wall_ms": wall / steps * 1e3}
+
+
+def estimate(report: dict) -> None:
+    """Streams one model core keeps up with, from the step's CPU time: each frame stepping alone (30 N steps of
+    step(N) a second), or all N batched into one step per frame period (30 steps a second)."""
+    rows = report["step_cpu"]
+    report["idle_estimate_unbatched"] = max(
+        [r["slots"] for r in rows if 30 * r["slots"] * r["cpu_ms"] < 1e3] or [0]
+    )
+    report["idle_estimate_batched"] = max([r["slots"] for r in rows if 30 * r["cpu_ms"] < 1e3] or [0])
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
@@ -198,15 +232,16 @@ def markdown(report: dict) -> str:
         "latency cannot build up unseen).",
         "",
         "| streams | record | sent | answered | dropped | round trip p50 / p90 / p99 ms | step p50 ms | server cores "
-        "| real time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server CPU ms per frame | real time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         rt, st = row["round_trip_ms"], row["step_ms"]
         lines.append(
             f"| {row['streams']} | {'on' if row['record'] else 'off'} | {row['sent']} | {row['answered']} | "
             f"{row['dropped']} | {rt['p50']:.1f} / {rt['p90']:.1f} / {rt['p99']:.1f} | {st['p50']:.1f} | "
-            f"{row['server_cores']} | {'yes' if row['real_time'] else 'no'} |"
+            f"{row['server_cores']} | {row['server_cores'] * 1e3 / (protocol.FPS * row['streams']):.1f} | "
+            f"{'yes' if row['real_time'] else 'no'} |"
         )
     lines += [
         "",
@@ -222,6 +257,29 @@ def markdown(report: dict) -> str:
         + ". It runs on its own thread beside the model's, not inside a step.",
         "",
     ]
+    if report.get("step_cpu"):
+        lines += [
+            "The model's step alone (onnxruntime, one thread, all slots active), in process CPU time, which other "
+            "load does not inflate the way it inflates wall time:",
+            "",
+            "| slots | step CPU ms | per stream | wall ms (under the load above) |",
+            "|---|---|---|---|",
+            *(
+                f"| {r['slots']} | {r['cpu_ms']:.1f} | {r['cpu_ms'] / r['slots']:.1f} | {r['wall_ms']:.1f} |"
+                for r in report["step_cpu"]
+            ),
+            "",
+            "A step costs its whole slot count whether or not every slot has a frame (the exported graphs have "
+            "a fixed batch). Clients out of phase with each other, as real cameras are, meet in one step only when "
+            "the batch wait covers their offset: with the default 5 ms each frame steps alone, 30 N steps a second "
+            "of step(N) each; with --batch-wait-ms 33 all N share one step per frame period. On idle cores one "
+            "model thread (one core) keeps up while that fits a second, so the estimates from CPU time are "
+            f"**{report['idle_estimate_unbatched']} streams** at the default batch wait (30 N step(N) < 1 s) and "
+            f"**{report['idle_estimate_batched']} streams** with a frame period's wait (30 step(N) < 1 s; up to 33 ms "
+            "more latency). Estimates, not measurements: the sockets, JPEG decoding and the clients take their "
+            "share of the second core.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -235,11 +293,23 @@ def main() -> None:
     parser.add_argument("--backend", help="default: the command's own")
     parser.add_argument("--checkpoint", default="default")
     parser.add_argument("--frame-size", default="56x112", help="the default model's vision size")
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="the server's wait for other streams' frames (its default 5)",
+    )
     parser.add_argument("--name", default="live_capacity_cpu")
+    parser.add_argument(
+        "--step-slots",
+        default="1,2,3,4,6,8",
+        help="slot counts to time the default model's step at ('' skips)",
+    )
     args = parser.parse_args()
 
     h, w = (int(x) for x in args.frame_size.split("x"))
-    extra = ["--checkpoint", args.checkpoint, "--threads", str(args.threads), "--frame-size", args.frame_size]
+    extra = ["--checkpoint", args.checkpoint, "--threads", str(args.threads), "--frame-size", args.frame_size,
+             "--batch-wait-ms", f"{args.batch_wait_ms:g}"]  # fmt: skip
     if args.backend:
         extra += ["--backend", args.backend]
     frames = encoded_frames((h, w))
@@ -276,6 +346,9 @@ def main() -> None:
     report["record_ms_per_frame"] = {
         f"{a}x{b}": recorder_ms_per_frame((a, b)) for a, b in ((h, w), (480, 854))
     }
+    if args.step_slots:
+        report["step_cpu"] = [step_cpu_ms(int(n), frames) for n in args.step_slots.split(",")]
+        estimate(report)
     report["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"wrote {save(args.name, report, markdown(report))}")
 

@@ -41,7 +41,6 @@ class SlotStepper:
         self.sample_rate, self.samples_per_frame = streams.sample_rate, streams.samples_per_frame
         self.lanes: dict[int, Lane] = {}
         self.free = list(range(self.slots))
-        self.steps = 0
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="live-step")
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -108,15 +107,12 @@ class SlotStepper:
             start = time.perf_counter()
             try:
                 audio = await loop.run_in_executor(self._worker, self.streams.step, frames, active)
-            except (
-                Exception
-            ) as err:  # any backend's own error type; a failed step leaves every slot as it was
-                log.exception("step failed")
+            except Exception as err:  # any backend's own error types
+                log.exception("step failed")  # the backend left every slot as it was
                 for lane, pending in batch:
                     lane.send(protocol.error("step_failed", f"frame {pending.seq} was not processed: {err}"))
                 continue
             step_ms = (time.perf_counter() - start) * 1e3
-            self.steps += 1
             for lane, pending in batch:
                 if not lane.closed:
                     lane.deliver(pending, step_ms, audio[lane.slot])
