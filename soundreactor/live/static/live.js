@@ -431,7 +431,7 @@ function drawSpectrogram() {
   ctx.drawImage(canvas, -2, 0);
   const column = ctx.createImageData(2, height);
   const nyquist = context.sampleRate / 2;
-  const low = Math.log(40);
+  const low = Math.log(40); // the axis labels in index.html assume this range
   const high = Math.log(12000);
   for (let y = 0; y < height; y++) {
     const hz = Math.exp(high - ((high - low) * y) / (height - 1));
