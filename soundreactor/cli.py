@@ -1,5 +1,5 @@
 """Command line: `soundreactor init | run | demo | export | check | build | compare | calibrate | train-vae | train |
-evaluate | triton-repo | serve | stream`."""
+evaluate | triton-repo | serve | stream | live`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from soundreactor.default_model import CHECKPOINT as DEFAULT_CHECKPOINT
 from soundreactor.engine.commands import add_commands as add_engine_commands
 from soundreactor.engine.tensorrt_env import TensorRTMissing
 from soundreactor.export.commands import add_commands as add_export_commands
+from soundreactor.live.commands import add_commands as add_live_commands
 from soundreactor.outputs import MP4_SUFFIXES, WAV_SUFFIXES, OutputPathError, check_outputs, check_suffix
 from soundreactor.serving.commands import add_commands as add_serving_commands
 from soundreactor.threads import add_threads_argument, set_torch_threads
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_commands(sub)
     add_evaluate_command(sub)
     add_serving_commands(sub)
+    add_live_commands(sub)
     return parser
 
 

@@ -162,3 +162,23 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], size: tuple[int,
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     return path
+
+
+def write_y4m(path: str | Path, frames: Iterable[np.ndarray], fps: int = 30) -> Path:
+    """RGB uint8 frames [H, W, 3] (even sides) as an uncompressed Y4M (I420, BT.601 full range): the format
+    Chromium's fake camera plays (--use-file-for-fake-video-capture), so pages can be tested with the demo scene."""
+    path = Path(path)
+    with open(path, "wb") as out:
+        for i, rgb in enumerate(frames):
+            height, width = rgb.shape[:2]
+            if height % 2 or width % 2:
+                raise ValueError(f"Y4M frames need even sides for 4:2:0, got {height}x{width}")
+            if i == 0:
+                out.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+            r, g, b = (rgb[..., c].astype(np.float32) for c in range(3))
+            y = 0.299 * r + 0.587 * g + 0.114 * b
+            chroma = (0.564 * (b - y) + 128, 0.713 * (r - y) + 128)  # Cb, Cr
+            out.write(b"FRAME\n")
+            for plane in (y, *(c.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3)) for c in chroma)):
+                out.write(np.clip(np.rint(plane), 0, 255).astype(np.uint8).tobytes())
+    return path
