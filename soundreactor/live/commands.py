@@ -10,6 +10,8 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+from soundreactor.threads import add_threads_argument
+
 LOOPBACK_NAMES = ("localhost",)
 
 
@@ -145,7 +147,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="HxW",
         help="frames the page sends (default: the model's vision size)",
     )
-    live.add_argument("--threads", type=int, default=1, help="CPU threads for the model (default 1)")
+    add_threads_argument(live)
     live.add_argument("--batch-wait-ms", type=float, default=5.0,
                       help="longest wait for the other streams' frames before a step (default 5)")  # fmt: skip
     live.add_argument("--max-lag-ms", type=float, default=100.0,

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from soundreactor.runtime.session import Streams
+from soundreactor.threads import pick_threads
 
 LIVE_BACKENDS = ("torch", "onnxruntime", "cuda-graph")
 
@@ -40,7 +41,7 @@ def build_streams(
     slots: int,
     seed: int,
     frame_hw: tuple[int, int] | None,
-    threads: int,
+    threads: int | None,
     resources: ExitStack,
     note=print,
 ) -> Streams:
@@ -53,6 +54,9 @@ def build_streams(
     from soundreactor.model.soundreactor import SoundReactor
 
     model = SoundReactor.load(checkpoint, input_hw=frame_hw)
+    threads = pick_threads(
+        model.config.parameter_estimate(), threads
+    )  # --threads, as run and evaluate read it
     if backend == "torch":
         from soundreactor.runtime.torch_backend import TorchStreams
 
@@ -76,6 +80,5 @@ def build_streams(
     folder = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="soundreactor-live-")))
     note(f"exporting {checkpoint.name} for onnxruntime ({slots} slots) into a temporary folder...")
     export_model(model, folder / "export", slots, checkpoint_sha256=file_sha256(checkpoint))
-    options = default_options()
-    options.intra_op_num_threads = threads
+    options = default_options(threads)
     return OrtStreams(folder / "export", seed=seed, checkpoint=checkpoint, options=options)
