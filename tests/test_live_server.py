@@ -4,6 +4,8 @@ The model is the tiny preset with random weights on the torch backend. Expected 
 `TorchStreams` stepped directly in the test on frames decoded from the same JPEG bytes with PyAV's image reader
 (not the server's decoder). Batched rows are computed independently of the other slots' content, and a slot's
 noise is seeded seed + slot, so a stream's audio must equal that reference up to fp32 rounding: ATOL.
+The Triton relay is tested over a fake StreamClient (its lane logic, END on close) and once through a real
+tritonserver (skipped where it is not installed; CI installs it).
 """
 
 from __future__ import annotations
@@ -538,3 +540,50 @@ def test_live_command_errors_are_one_line(capsys, tmp_path):
         assert cli.main(["live", *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+
+
+def test_triton_relay_through_a_real_tritonserver(model, checkpoint, tmp_path):
+    """The relay over the real StreamClient and tritonserver (tiny torch repository, 2 slots): a stream's audio
+    equals the model stepped alone with the served seed policy's seed (seed + correlation ID)."""
+    import socket
+
+    from soundreactor.serving.params import ServingParams
+    from soundreactor.serving.repository import write_repository
+    from soundreactor.serving.server import ServerError, TritonServer, find_tritonserver
+
+    try:
+        find_tritonserver()
+        import tritonclient.grpc  # noqa: F401
+    except (ServerError, ImportError) as err:
+        pytest.skip(f"needs tritonserver and tritonclient ({err}); CI installs them: see .ci/run")
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    params = ServingParams(backend="torch", slots=2, frame_hw=HW, checkpoint=str(checkpoint), seed=SEED)
+    write_repository(tmp_path / "repo", params, idle_timeout_s=2.5)
+    datas = [jpeg(f) for f in make_frames(5, seed=1)]
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    with TritonServer(
+        tmp_path / "repo", log=tmp_path / "tritonserver.log", exit_timeout_s=5, **ports
+    ) as triton:
+
+        async def main():
+            relay = TritonRelay(triton.grpc_url, slots=2)
+            async with live(relay, info={**INFO, "backend": "triton"}) as (server, session):
+                ws, ready = await connect(server, session)
+                sequence_id = relay.lanes[ready["slot"]].sequence_id
+                audio = [await step(ws, k, d) for k, d in enumerate(datas)]
+                await ws.close()
+                held = [(await connect(server, session))[0] for _ in range(2)]
+                _, full = await connect(server, session)
+                for ws in held:
+                    await ws.close()
+            return relay.frame_hw, sequence_id, audio, full
+
+        frame_hw, sequence_id, audio, full = asyncio.run(main())
+    assert frame_hw == HW and full["code"] == "server_full"
+    solo = Session(TorchStreams(model, seed=SEED + sequence_id))
+    assert_audio_equal(audio, [solo.step(decoded(d)) for d in datas])
