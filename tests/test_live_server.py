@@ -587,3 +587,27 @@ def test_triton_relay_through_a_real_tritonserver(model, checkpoint, tmp_path):
     assert frame_hw == HW and full["code"] == "server_full"
     solo = Session(TorchStreams(model, seed=SEED + sequence_id))
     assert_audio_equal(audio, [solo.step(decoded(d)) for d in datas])
+
+
+def test_a_recording_the_encoder_cannot_keep_up_with_stops_without_gaps(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from soundreactor.live.recorder import MAX_BACKLOG, Recorder
+
+    frames = make_frames(3, seed=1)
+    audio = np.zeros((2, 1600), np.float32)
+    with ThreadPoolExecutor(1) as worker:
+        gate = threading.Event()
+        worker.submit(gate.wait, 30)  # the encoder's thread is busy: every write queues
+        recorder = Recorder(tmp_path, "take", {"seed": 0}, 48000, worker)
+        for k in range(MAX_BACKLOG + 5):
+            recorder.write(frames[k % 3], audio)
+        gate.set()
+        recorder.finish().result(timeout=60)
+    meta = json.loads((tmp_path / "take.json").read_text())
+    assert meta["frames"] == MAX_BACKLOG and f"stopped at frame {MAX_BACKLOG}" in meta["error"]
+    with av.open(str(tmp_path / "take.mkv")) as container:
+        decoded_frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded_frames) == MAX_BACKLOG
+    for k, got in enumerate(decoded_frames):
+        np.testing.assert_array_equal(got, frames[k % 3])
