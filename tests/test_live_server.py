@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -431,9 +432,12 @@ def test_recording_is_what_the_model_saw_and_run_reproduces_it(model, checkpoint
         kept = np.concatenate([f.to_ndarray().reshape(-1, 2) for f in container.decode(audio=0)]).T
     np.testing.assert_array_equal(kept, np.concatenate(audio, axis=1))  # float PCM: bit-exact
 
-    wav = tmp_path / "run.wav"
-    args = ["run", "--video", str(video), "--checkpoint", meta["checkpoint"], "--seed", str(meta["seed"])]
-    assert cli.main([*args, "--out", str(wav)]) == 0
+    wav = tmp_path / f"{stream}.wav"
+    args = shlex.split(meta["reproduce"])[1:]  # the command the JSON gives, run from the recordings' folder
+    assert args == ["run", "--video", video.name, "--checkpoint", str(checkpoint), "--seed", str(meta["seed"]),
+                    "--out", wav.name]  # fmt: skip
+    args[args.index("--video") + 1], args[args.index("--out") + 1] = str(video), str(wav)
+    assert cli.main(args) == 0
     import soundfile
 
     rerun = soundfile.read(wav, dtype="float32", always_2d=True)[0].T
