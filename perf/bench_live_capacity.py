@@ -270,14 +270,13 @@ def markdown(report: dict) -> str:
             ),
             "",
             "A step costs its whole slot count whether or not every slot has a frame (the exported graphs have "
-            "a fixed batch). Clients out of phase with each other, as real cameras are, meet in one step only when "
-            "the batch wait covers their offset: with the default 5 ms each frame steps alone, 30 N steps a second "
-            "of step(N) each; with --batch-wait-ms 33 all N share one step per frame period. On idle cores one "
-            "model thread (one core) keeps up while that fits a second, so the estimates from CPU time are "
-            f"**{report['idle_estimate_unbatched']} streams** at the default batch wait (30 N step(N) < 1 s) and "
-            f"**{report['idle_estimate_batched']} streams** with a frame period's wait (30 step(N) < 1 s; up to 33 ms "
-            "more latency). Estimates, not measurements: the sockets, JPEG decoding and the clients take their "
-            "share of the second core.",
+            "a fixed batch). Out-of-phase streams share a step when one's frame arrives within the batch wait of "
+            "another's, or while a step runs (it then joins the next). One model thread (one core) keeps up while "
+            "the steps fit a second: the estimates from CPU time on idle cores run from "
+            f"**{report['idle_estimate_unbatched']} streams** if no two frames ever shared a step (30 N step(N) "
+            f"< 1 s: a floor) to **{report['idle_estimate_batched']} streams** if all N always do (30 step(N) < 1 s: "
+            "what --batch-wait-ms 33 approaches, for up to 33 ms more latency). Estimates, not measurements: the "
+            "sockets, JPEG decoding and the clients take their share of the second core.",
             "",
         ]
     return "\n".join(lines)

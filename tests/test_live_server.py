@@ -4,6 +4,8 @@ The model is the tiny preset with random weights on the torch backend. Expected 
 `TorchStreams` stepped directly in the test on frames decoded from the same JPEG bytes with PyAV's image reader
 (not the server's decoder). Batched rows are computed independently of the other slots' content, and a slot's
 noise is seeded seed + slot, so a stream's audio must equal that reference up to fp32 rounding: ATOL.
+The Triton relay is tested over a fake StreamClient (its lane logic, END on close) and once through a real
+tritonserver (skipped where it is not installed; CI installs it).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -429,9 +432,12 @@ def test_recording_is_what_the_model_saw_and_run_reproduces_it(model, checkpoint
         kept = np.concatenate([f.to_ndarray().reshape(-1, 2) for f in container.decode(audio=0)]).T
     np.testing.assert_array_equal(kept, np.concatenate(audio, axis=1))  # float PCM: bit-exact
 
-    wav = tmp_path / "run.wav"
-    args = ["run", "--video", str(video), "--checkpoint", meta["checkpoint"], "--seed", str(meta["seed"])]
-    assert cli.main([*args, "--out", str(wav)]) == 0
+    wav = tmp_path / f"{stream}.wav"
+    args = shlex.split(meta["reproduce"])[1:]  # the command the JSON gives, run from the recordings' folder
+    assert args == ["run", "--video", video.name, "--checkpoint", str(checkpoint), "--seed", str(meta["seed"]),
+                    "--out", wav.name]  # fmt: skip
+    args[args.index("--video") + 1], args[args.index("--out") + 1] = str(video), str(wav)
+    assert cli.main(args) == 0
     import soundfile
 
     rerun = soundfile.read(wav, dtype="float32", always_2d=True)[0].T
@@ -538,3 +544,74 @@ def test_live_command_errors_are_one_line(capsys, tmp_path):
         assert cli.main(["live", *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+
+
+def test_triton_relay_through_a_real_tritonserver(model, checkpoint, tmp_path):
+    """The relay over the real StreamClient and tritonserver (tiny torch repository, 2 slots): a stream's audio
+    equals the model stepped alone with the served seed policy's seed (seed + correlation ID)."""
+    import socket
+
+    from soundreactor.serving.params import ServingParams
+    from soundreactor.serving.repository import write_repository
+    from soundreactor.serving.server import ServerError, TritonServer, find_tritonserver
+
+    try:
+        find_tritonserver()
+        import tritonclient.grpc  # noqa: F401
+    except (ServerError, ImportError) as err:
+        pytest.skip(f"needs tritonserver and tritonclient ({err}); CI installs them: see .ci/run")
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    params = ServingParams(backend="torch", slots=2, frame_hw=HW, checkpoint=str(checkpoint), seed=SEED)
+    write_repository(tmp_path / "repo", params, idle_timeout_s=2.5)
+    datas = [jpeg(f) for f in make_frames(5, seed=1)]
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    with TritonServer(
+        tmp_path / "repo", log=tmp_path / "tritonserver.log", exit_timeout_s=5, **ports
+    ) as triton:
+
+        async def main():
+            relay = TritonRelay(triton.grpc_url, slots=2)
+            async with live(relay, info={**INFO, "backend": "triton"}) as (server, session):
+                ws, ready = await connect(server, session)
+                sequence_id = relay.lanes[ready["slot"]].sequence_id
+                audio = [await step(ws, k, d) for k, d in enumerate(datas)]
+                await ws.close()
+                held = [(await connect(server, session))[0] for _ in range(2)]
+                _, full = await connect(server, session)
+                for ws in held:
+                    await ws.close()
+            return relay.frame_hw, sequence_id, audio, full
+
+        frame_hw, sequence_id, audio, full = asyncio.run(main())
+    assert frame_hw == HW and full["code"] == "server_full"
+    solo = Session(TorchStreams(model, seed=SEED + sequence_id))
+    assert_audio_equal(audio, [solo.step(decoded(d)) for d in datas])
+
+
+def test_a_recording_the_encoder_cannot_keep_up_with_stops_without_gaps(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from soundreactor.live.recorder import MAX_BACKLOG, Recorder
+
+    frames = make_frames(3, seed=1)
+    audio = np.zeros((2, 1600), np.float32)
+    with ThreadPoolExecutor(1) as worker:
+        gate = threading.Event()
+        worker.submit(gate.wait, 30)  # the encoder's thread is busy: every write queues
+        recorder = Recorder(tmp_path, "take", {"seed": 0}, 48000, worker)
+        for k in range(MAX_BACKLOG + 5):
+            recorder.write(frames[k % 3], audio)
+        gate.set()
+        recorder.finish().result(timeout=60)
+    meta = json.loads((tmp_path / "take.json").read_text())
+    assert meta["frames"] == MAX_BACKLOG and f"stopped at frame {MAX_BACKLOG}" in meta["error"]
+    with av.open(str(tmp_path / "take.mkv")) as container:
+        decoded_frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded_frames) == MAX_BACKLOG
+    for k, got in enumerate(decoded_frames):
+        np.testing.assert_array_equal(got, frames[k % 3])

@@ -128,7 +128,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         choices=("torch", "onnxruntime", "cuda-graph"),
         help="default: cuda-graph with a GPU, else onnxruntime (a temporary export of the checkpoint)",
     )
-    live.add_argument("--slots", type=int, default=4, help="concurrent streams (default 4)")
+    live.add_argument(
+        "--slots",
+        type=int,
+        default=4,
+        help="concurrent streams (default 4; an onnxruntime step costs all of them)",
+    )
     live.add_argument(
         "--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface; add TLS)"
     )
@@ -149,7 +154,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_threads_argument(live)
     live.add_argument("--batch-wait-ms", type=float, default=5.0,
-                      help="longest wait for the other streams' frames before a step (default 5)")  # fmt: skip
+                      help="longest wait for the other streams' frames before a step (default 5; 33 batches "
+                           "out-of-phase streams into one step a frame period: 3x the streams on CPU, <=33 ms more "
+                           "latency)")  # fmt: skip
     live.add_argument("--max-lag-ms", type=float, default=100.0,
                       help="frames that waited longer are skipped and the page told it is behind")  # fmt: skip
     live.add_argument("--queue-frames", type=int, default=4, help="frames a stream may have waiting")

@@ -22,6 +22,9 @@ import numpy as np
 from soundreactor.live.protocol import FPS
 
 log = logging.getLogger(__name__)
+# Frames queued for the encoder before a stream's recording stops (5 s at 30 fps): FFV1 costs ~0.3 ms CPU a 56x112
+# frame but ~8 ms at 480x854, so many large streams can outrun the one recording thread; its queue stays bounded.
+MAX_BACKLOG = 150
 
 
 class Recorder:
@@ -29,13 +32,26 @@ class Recorder:
         self.video_path = directory / f"{stream}.mkv"
         self.meta_path = directory / f"{stream}.json"
         self.meta, self.sample_rate, self.worker = meta, sample_rate, worker
-        self.frames = 0
-        self.failed: str | None = None
+        self.frames = 0  # written (on the worker thread)
+        self.submitted = 0  # queued (on the event loop)
+        self.failed: str | None = None  # why the recording stopped early (kept in the JSON)
+        self.broken = False
         self._partial = directory / f".{stream}.mkv.part"
         self._container = self._video = self._audio = None
 
     def write(self, frame: np.ndarray, audio: np.ndarray) -> None:
-        """Queue one stepped frame (uint8 [H, W, 3]) and its audio (float32 [2, samples])."""
+        """Queue one stepped frame (uint8 [H, W, 3]) and its audio (float32 [2, samples]). Past MAX_BACKLOG
+        frames waiting, the recording stops there (the file keeps every frame up to that point, without gaps)."""
+        if self.failed:
+            return
+        if self.submitted - self.frames >= MAX_BACKLOG:
+            self.failed = (
+                f"recording stopped at frame {self.submitted}: the encoder fell {MAX_BACKLOG} frames behind "
+                "(record fewer streams or smaller frames)"
+            )
+            log.error("%s: %s", self.video_path, self.failed)
+            return
+        self.submitted += 1
         self.worker.submit(self._write, frame, audio)
 
     def finish(self):
@@ -51,7 +67,7 @@ class Recorder:
         self._audio = self._container.add_stream("pcm_f32le", rate=self.sample_rate, layout="stereo")
 
     def _write(self, frame: np.ndarray, audio: np.ndarray) -> None:
-        if self.failed:
+        if self.broken:  # an encoder or disk error stopped this recording
             return
         try:
             if self._container is None:
@@ -71,6 +87,7 @@ class Recorder:
         except (OSError, av.error.FFmpegError) as err:
             self.failed = f"recording stopped after {self.frames} frames: {err}"
             log.error("%s: %s", self.video_path, self.failed)
+            self.broken = True
 
     def _finish(self) -> None:
         if self._container is None:

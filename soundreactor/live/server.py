@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shlex
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -248,6 +249,10 @@ def _recorder(app: web.Application, stream: str, lane: Lane) -> Recorder:
     }
     if lane.sequence_id is not None:
         meta |= {"triton": info.get("triton"), "sequence_id": lane.sequence_id}
+    else:  # torch repeats any in-process backend's audio within their parity (tests/test_onnxruntime_backend.py)
+        meta["reproduce"] = shlex.join(["soundreactor", "run", "--video", f"{stream}.mkv", "--checkpoint",
+                                        str(info["checkpoint_path"]), "--seed", str(lane.seed), "--out",
+                                        f"{stream}.wav"])  # fmt: skip
     record_dir = Path(app[RECORD])
     with contextlib.suppress(FileExistsError):
         record_dir.mkdir(parents=True)
