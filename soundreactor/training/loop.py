@@ -6,7 +6,7 @@ from a generator seeded by (seed, s) over the whole global batch, of which each 
 resumed from a checkpoint, or split over N ranks, computes what one uninterrupted process computes.
 
 Files in the run directory (written by rank 0):
-- `state.pt`: resumable state (weights, EMA, optimizer, step, RNG states, both configs), temp file + rename;
+- `state.pt`: resumable state (weights, EMA, optimizers, step, RNG states, both configs), temp file + rename;
 - `model.safetensors`: the EMA weights as a SoundReactor checkpoint (training config in its metadata);
 - `log.jsonl`: one JSON line of losses per step; `losses.png`: their curves;
 - `eval.jsonl`: the stage's quality figures at every checkpoint, where it has some (the VAE's onsets);
@@ -41,6 +41,18 @@ PLOT = "losses.png"
 
 
 @dataclass
+class Critic:
+    """An adversary trained alongside a Task's module by its own AdamW (cfg.disc_lr, cfg.disc_betas).
+
+    module: a submodule of Task.module (saved and resumed with it), left out of the main optimizer;
+    loss(): its loss on what Task.module's last forward saw, taken after the main step; None to sit the step out.
+    """
+
+    module: nn.Module
+    loss: Callable[[], Tensor | None]
+
+
+@dataclass
 class Task:
     """What a stage gives the loop.
 
@@ -57,6 +69,7 @@ class Task:
     export: Callable[[nn.Module, Path, dict[str, str]], None]
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     select: str | None = None
+    critic: Critic | None = None
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -143,8 +156,14 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
     out.mkdir(parents=True, exist_ok=True)
     module = task.module.to(device)
     ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
-    params = [p for p in module.parameters() if p.requires_grad]
+    critic = task.critic
+    critic_params = [p for p in critic.module.parameters() if p.requires_grad] if critic else []
+    excluded = {id(p) for p in critic_params}
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in excluded]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    critic_optimizer = (
+        torch.optim.AdamW(critic_params, lr=cfg.disc_lr, betas=cfg.disc_betas) if critic else None
+    )
 
     start = 0
     if (out / STATE).exists():
@@ -163,6 +182,8 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
         module.load_state_dict(state["module"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
+        if critic_optimizer is not None:
+            critic_optimizer.load_state_dict(state["critic_optimizer"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
@@ -172,7 +193,10 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
             _truncate_log(out / EVAL, start)
     if start >= cfg.steps:
         return out / MODEL
-    trained = DistributedDataParallel(module) if world > 1 else module
+    # an adversary sits out its warm-up: its parameters then get no gradient, which DDP must be told
+    trained = (
+        DistributedDataParallel(module, find_unused_parameters=critic is not None) if world > 1 else module
+    )
     per_rank = cfg.batch_size // world
     part = slice(rank * per_rank, (rank + 1) * per_rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -188,6 +212,11 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         optimizer.step()
+        if critic is not None:
+            metrics = {
+                **metrics,
+                "disc": _critic_step(critic, critic_params, critic_optimizer, cfg, autocast),
+            }
         ema.update_parameters(module)
 
         logged = torch.stack([loss.detach().float(), *(m.detach().float() for m in metrics.values())])
@@ -203,7 +232,7 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
             bar.set_postfix(loss=f"{record['loss']:.4g}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             if rank == 0:
-                _save(out, step + 1, cfg, module, ema, optimizer, device)
+                _save(out, step + 1, cfg, module, ema, optimizer, critic_optimizer, device)
                 task.export(ema.module, out / MODEL, {"training": cfg.to_json(), "step": str(step + 1)})
                 plot_log(out / LOG, out / PLOT)
                 if task.evaluate is not None:
@@ -223,8 +252,33 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
     return out / MODEL
 
 
+def _critic_step(critic: Critic, params: list, optimizer, cfg: TrainConfig, autocast) -> Tensor:
+    """One step of the adversary on its loss (averaged over ranks); returns the loss, 0 where it sat out."""
+    with autocast:
+        loss = critic.loss()
+    if loss is None:
+        return torch.zeros((), device=params[0].device)
+    optimizer.zero_grad(set_to_none=True)  # also drops what the main loss left on its parameters
+    loss.backward()
+    if dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    optimizer.step()
+    return loss.detach()
+
+
 def _save(
-    out: Path, step: int, cfg: TrainConfig, module: nn.Module, ema: nn.Module, optimizer, device
+    out: Path,
+    step: int,
+    cfg: TrainConfig,
+    module: nn.Module,
+    ema: nn.Module,
+    optimizer,
+    critic_optimizer,
+    device,
 ) -> None:
     state = {
         "step": step,
@@ -234,6 +288,8 @@ def _save(
         "optimizer": optimizer.state_dict(),
         "rng_cpu": torch.get_rng_state(),
     }
+    if critic_optimizer is not None:
+        state["critic_optimizer"] = critic_optimizer.state_dict()
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
     atomic_write(out / STATE, lambda p: torch.save(state, p))
