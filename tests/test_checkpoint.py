@@ -218,7 +218,7 @@ def test_a_checkpoint_written_before_the_upsample_field_loads_as_transposed(tmp_
     path = tmp_path / "new.safetensors"
     model.save(path)
     with safe_open(str(path), framework="pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f}
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
     config = json.loads(metadata["config"])
     assert config["vae"].pop("upsample") == "transposed"
     old = tmp_path / "old.safetensors"
