@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 # figure -> (title, target of issue 20 where it sets one, higher is better)
 PANELS = {
     "quality": ("quality (selects best.safetensors)", None, True),
@@ -25,6 +27,7 @@ PANELS = {
     "silence_dbfs": ("level in truth's silence (dBFS)", -70.0, False),
 }
 LOSSES = ("stft", "envelope", "adv", "fm", "disc")
+SMOOTH = 50  # steps per point of the loss curves
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -57,10 +60,13 @@ def plot(path: Path, rows: list[dict], log: list[dict], reference: dict | None) 
         if key == "losses":
             for name in LOSSES:
                 if log and name in log[0]:
-                    ax.plot([r["step"] for r in log], [r[name] for r in log], lw=0.6, label=name)
+                    values = np.array([r[name] for r in log])
+                    window = min(SMOOTH, len(values))
+                    mean = np.convolve(values, np.ones(window) / window, mode="valid")
+                    ax.plot([r["step"] for r in log][window - 1 :], mean, lw=0.8, label=name)
             ax.set_yscale("symlog", linthresh=0.01)
             ax.legend(fontsize=7, ncol=3)
-            ax.set_title("training losses (per step)", fontsize=9)
+            ax.set_title(f"training losses (mean of {SMOOTH} steps)", fontsize=9)
         else:
             title, target, _ = PANELS[key]
             ax.plot(steps, [r.get(key) if r.get(key) is not None else float("nan") for r in rows], "o-", ms=3)
