@@ -21,8 +21,9 @@ SR="${PYTHON:-python} -m soundreactor"
 
 STOP=()
 if [ -n "${STOP_AT:-}" ]; then
-  # SIGTERM at STOP_AT: the run keeps its last checkpoint (written atomically) and resumes from it
-  STOP=(timeout --signal=TERM $(($(date -u -d "$STOP_AT" +%s) - $(date -u +%s))))
+  # SIGTERM at STOP_AT, SIGKILL a minute later (a run here outlived its SIGTERM): the last checkpoint, written
+  # atomically, is kept and the run resumes from it
+  STOP=(timeout --signal=TERM --kill-after=60 $(($(date -u -d "$STOP_AT" +%s) - $(date -u +%s))))
 fi
 
 # adversarial weights are stable-audio-tools' Oobleck recipe (adv 0.1, feature matching 5, STFT 1, KL 1e-5);
