@@ -9,7 +9,8 @@
 # (VAE_STEPS, PRE_STEPS, ECT_STEPS); on a GPU every stage uses it (bf16 autocast) and the same counts should take
 # minutes (not measured: no GPU was lent). Each stage's run directory keeps its log, loss plot and resumable
 # state; the VAE's also keeps eval.jsonl, its onset and envelope figures on validation scenes at every checkpoint,
-# and best.safetensors, the checkpoint with the best validation onset F1, which the later stages start from.
+# and best.safetensors, the checkpoint with the best validation quality (stages.vae_quality), which the later
+# stages start from.
 set -euo pipefail
 RUN=${1:-runs/default}
 VAE_STEPS=${VAE_STEPS:-1200}

@@ -154,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from soundreactor.pipeline import video_to_wav
     from soundreactor.runtime.session import Session
     from soundreactor.runtime.torch_backend import TorchStreams
-    from soundreactor.training.evaluate import FPS, score
+    from soundreactor.training.evaluate import FPS, score, silence_summary
     from soundreactor.training.synthetic import make_clip
 
     if not args.seconds > 0:
@@ -186,6 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"{figures['onset_precision']:.2f}, recall {figures['onset_recall']:.2f}) against the scene's "
         f"{figures['onsets_true']} impacts, +-1 frame"
     )
+    print(silence_summary(figures, score([scene.audio], [scene])))
     print(report.summary())
     print(f"demo finished in {time.perf_counter() - start:.1f} s")
 

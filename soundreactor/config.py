@@ -93,6 +93,9 @@ class VideoTokenConfig:
         check_float(self, "eps", 0.0, 1.0, open_low=True)
 
 
+UPSAMPLING = ("transposed", "nearest")
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """Causal Oobleck audio VAE (`sr_ds_1600_dim_64_causal`)."""
@@ -103,8 +106,14 @@ class VAEConfig:
     latent_dim: int = 64
     audio_channels: int = 2
     sample_rate: int = 48_000
+    # the decoder's upsampling: "transposed" (the official ConvTranspose1d, kernel 2 x stride) or "nearest"
+    # (nearest-neighbour repeat, then a causal conv of kernel 2 x stride: Oobleck's use_nearest_upsample, free of
+    # the transposed conv's per-phase gains that pulse at the latent rate); configs stored without it are transposed
+    upsample: str = "transposed"
 
     def __post_init__(self) -> None:
+        if self.upsample not in UPSAMPLING:
+            raise ValueError(f"VAEConfig.upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
         for name in ("channels", "latent_dim", "audio_channels"):
             check_int(self, name)
         check_int(self, "sample_rate", 1, 1_000_000)

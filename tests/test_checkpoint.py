@@ -301,3 +301,28 @@ def test_init_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert out.read_bytes() == b"someone's work"
     assert main(["init", "--preset", "tiny", "--out", str(out), "--force"]) == 0
     assert SoundReactor.load(out).config == tiny()
+
+
+def test_a_checkpoint_written_before_the_upsample_field_loads_as_transposed(tmp_path):
+    """Configs stored before VAEConfig.upsample existed lack the key: they load as the transposed-conv decoder
+    they were, with the same weights and the same audio, and the field is then written out."""
+    import json
+
+    from safetensors import safe_open
+
+    model = init_model("tiny", seed=2)[0]
+    path = tmp_path / "new.safetensors"
+    model.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+    config = json.loads(metadata["config"])
+    assert config["vae"].pop("upsample") == "transposed"
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**metadata, "config": json.dumps(config)})
+    loaded = SoundReactor.load(old)
+    assert loaded.config == model.config and loaded.config.vae.upsample == "transposed"
+    latents = torch.randn(1, model.config.vae.latent_dim, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.vae.decode(latents), model.vae.decode(latents), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"VAEConfig\.upsample must be one of"):
+        preset("tiny").replace(vae={"upsample": "linear"})

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from soundreactor.training.evaluate import (
+    FLOOR_DB,
     SAMPLE_RATE,
     add_evaluate_command,
     detect_onsets,
@@ -146,3 +147,42 @@ def test_evaluate_command_rejects_bad_arguments(tmp_path):
     args = _parse(["--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError):
         args.func(args)
+
+
+def _hand_made(levels: dict[int, float], frames: int, impacts: list[int]):
+    """A Clip whose frame k holds a constant `levels[k]` (0 elsewhere) on both channels, impacts at `impacts`."""
+    from soundreactor.training.synthetic import Clip, Event
+
+    audio = np.zeros((2, frames * 1600), np.float32)
+    for k, level in levels.items():
+        audio[:, k * 1600 : (k + 1) * 1600] = level
+    events = tuple(Event(f, f * 1600, 0.5, 0.5, "wall", 0.1, 1.0, "wood") for f in impacts)
+    return Clip(np.zeros((frames, 16, 16, 3), np.uint8), audio, events)
+
+
+def test_impact_gap_and_silence_level_on_hand_made_signals():
+    from soundreactor.training.evaluate import score
+
+    impacts = [2, 12]  # frames 6-8 and 16-19 are >= 4 from both; 0, 18 and 19 stay digitally silent
+    truth_levels = {
+        2: 0.1,
+        12: 0.1,
+        **{k: 0.01 for k in (1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17)},
+    }
+    truth = _hand_made(truth_levels, 20, impacts)
+    # between-impact frames 6, 7, 8, 16, 17 at 0.01 (-40 dB), 18, 19 at 0: median -40 dB; impacts at -20 dB
+    same = score([truth.audio], [truth])
+    assert same["impact_gap_db"] == pytest.approx(20.0)
+    assert same["gap_ratio"] == pytest.approx(1.0)
+    assert same["silence_dbfs"] == FLOOR_DB  # silent where the truth is silent: the floor
+    # a candidate whose bed sits at 0.0316 (-30 dB) keeps half the contrast, with 1e-4 (-80 dBFS) in the silence
+    bed = {k: 10**-1.5 for k in truth_levels if k not in impacts}
+    candidate = _hand_made({**bed, 2: 0.1, 12: 0.1, 0: 1e-4, 18: 1e-4, 19: 1e-4}, 20, impacts)
+    figures = score([candidate.audio], [truth])
+    assert figures["impact_gap_db"] == pytest.approx(10.0, abs=1e-4)
+    assert figures["gap_ratio"] == pytest.approx(0.5, abs=1e-5)
+    assert figures["silence_dbfs"] == pytest.approx(-80.0, abs=1e-4)
+    # a steady bed as loud as the impacts has no gap at all
+    steady = _hand_made({k: 0.1 for k in range(20)}, 20, impacts)
+    assert score([steady.audio], [truth])["gap_ratio"] == pytest.approx(0.0, abs=1e-9)
+    assert score([steady.audio], [truth])["silence_dbfs"] == pytest.approx(-20.0, abs=1e-4)

@@ -361,3 +361,23 @@ def test_a_folder_that_is_not_an_export_is_never_replaced(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert publish(staging, empty) is False and (empty / "manifest.json").read_text() == "a"
+
+
+def test_a_nearest_upsampling_decoder_exports_and_matches_torch(tmp_path):
+    """VAEConfig.upsample = "nearest" (Resize + Conv in ONNX) exports through `soundreactor export`, and its
+    decoder graph computes what the model's decoder.step computes."""
+    base = init_model("tiny", seed=4)[0]
+    model = SoundReactor(base.config.replace(vae={"upsample": "nearest"}))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in model.vae.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # non-trivial snakes and biases
+    checkpoint = tmp_path / "nearest.safetensors"
+    model.save(checkpoint)
+    out = tmp_path / "export"
+    options = ["--nfe", str(NFE), "--slots", str(SLOTS), "--guidance", str(GUIDANCE)]
+    options += ["--frame-size", f"{FRAME_HW[0]}x{FRAME_HW[1]}"]
+    run_command(["export", "--checkpoint", str(checkpoint), "--out", str(out), *options])
+    graphs = [g for g in load_manifest(out).graphs if g.name == "vae_decoder"]
+    assert len(graphs) == 1
+    compare(graphs, ort_runner(out), load_model(checkpoint), rel_tol=1e-5)  # fp32 rounding, as above

@@ -44,13 +44,21 @@ def make_task(stage: str, **options) -> loop.Task:
     return stages.ar_task(tiny_model(), cfg, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("stage", ["vae", "pretrain", "ect"])
+ADVERSARIAL = {"adv_weight": 0.1, "fm_weight": 5.0, "disc_filters": 8}
+
+
+@pytest.mark.parametrize("stage", ["vae", "vae-adversarial", "pretrain", "ect"])
 def test_one_gradient_step_lowers_the_loss_on_a_fixed_batch(stage: str) -> None:
-    task = make_task(stage, kl_warmup=0)  # the VAE with posterior noise and KL from the start
+    options = ADVERSARIAL if stage == "vae-adversarial" else {}
+    stage = stage.removesuffix("-adversarial")
+    task = make_task(stage, kl_warmup=0, **options)  # the VAE with posterior noise and KL from the start
     batch = task.batch(0, slice(0, SMALL["batch_size"]))
-    params = [p for p in task.module.parameters() if p.requires_grad]
+    critic = {id(p) for p in task.critic.module.parameters()} if task.critic else set()
+    params = [p for p in task.module.parameters() if p.requires_grad and id(p) not in critic]
     loss, metrics = task.module(**batch)
     assert torch.isfinite(loss) and all(torch.isfinite(m) for m in metrics.values())
+    if options:  # the generator's adversarial terms are in the loss
+        assert metrics["adv"] > 0 and metrics["fm"] > 0
     grads = torch.autograd.grad(loss, params)
     norm2 = sum(g.square().sum() for g in grads)
     # a step predicted (to first order) to remove 1% of the loss: small enough for curvature not to matter
@@ -302,8 +310,136 @@ def test_vae_run_reports_onsets_at_every_checkpoint(tmp_path: Path) -> None:
     loop.train(make_task("vae", steps=2), cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / loop.EVAL).read_text().splitlines()]
     assert [r["step"] for r in rows] == [2]
-    assert set(rows[0]) == {"step", "onset_f1", "onset_precision", "onset_recall", "envelope_corr"}
+    assert set(rows[0]) == {"step", "quality", *stages.VAE_EVAL_FIGURES}
     assert 0.0 <= rows[0]["onset_f1"] <= 1.0
+    assert rows[0]["quality"] == stages.vae_quality(rows[0])
+
+
+def test_vae_quality_is_zero_for_a_silent_or_steady_decoder_and_one_for_the_truth() -> None:
+    from soundreactor.training.evaluate import held_out_clips, score
+
+    clips = held_out_clips(scenes=2, n_frames=60)
+    assert stages.vae_quality(score([c.audio for c in clips], clips)) == pytest.approx(1.0)
+    assert stages.vae_quality(score([np.zeros_like(c.audio) for c in clips], clips)) == 0.0
+    steady = [np.full_like(c.audio, 0.01) for c in clips]  # a constant bed: no onsets, no gap
+    assert stages.vae_quality(score(steady, clips)) == 0.0
+    # every part counts: perfect onsets and envelope with no gap between impacts score 0
+    assert stages.vae_quality({"onset_f1": 1.0, "envelope_corr": 1.0, "gap_ratio": 0.0}) == 0.0
+    assert stages.vae_quality({"onset_f1": 0.5, "envelope_corr": 0.5, "gap_ratio": 2.0}) == pytest.approx(
+        0.25 ** (1 / 3)
+    )
+
+
+def test_adversarial_vae_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """With the discriminator switched on at step 1 and silence batches: the discriminator's weights and its
+    optimizer come back from state.pt, so a crash between checkpoints resumes to the same bits."""
+    options = {**ADVERSARIAL, "adv_start": 1, "silence_share": 0.3}
+    steps = 5
+
+    def task():
+        t = make_task("vae", steps=steps, **options)
+        t.evaluate = None  # the figures have their own tests; the resume is the point here
+        return t
+
+    cfg = TrainConfig("vae", steps=steps, **SMALL, **options)
+    loop.train(task(), cfg, tmp_path / "a")
+    crashing = task()
+    batch = crashing.batch
+
+    def crash_at_3(step: int, part: slice):
+        if step == 3:
+            raise Crash
+        return batch(step, part)
+
+    crashing.batch = crash_at_3
+    with pytest.raises(Crash):
+        loop.train(crashing, cfg, tmp_path / "b")
+    loop.train(task(), cfg, tmp_path / "b")
+    whole, resumed = (torch.load(d / loop.STATE, weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
+    disc = [k for k in whole["module"] if k.startswith("discriminator.")]
+    assert disc and whole["critic_optimizer"]["state"]
+    for key in whole["module"]:
+        torch.testing.assert_close(resumed["module"][key], whole["module"][key], atol=0, rtol=0, msg=key)
+    for i, state in whole["critic_optimizer"]["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(resumed["critic_optimizer"]["state"][i][name], value, atol=0, rtol=0)
+    logs = [[json.loads(ln) for ln in (tmp_path / d / loop.LOG).read_text().splitlines()] for d in "ab"]
+    assert logs[1] == [{**r, "time": logs[1][i]["time"]} for i, r in enumerate(logs[0])]
+    assert logs[0][0]["disc"] == 0.0 and all(r["disc"] > 0 for r in logs[0][1:])  # on from step 1
+
+
+def test_discriminator_learns_to_tell_audio_from_reconstructions() -> None:
+    """A few discriminator steps on one (audio, reconstruction) pair lower its hinge loss from about 2 (logits
+    near 0 at init) and open a gap between its mean logits on the audio and on the reconstruction."""
+    task = make_task("vae", **ADVERSARIAL)
+    batch = task.batch(0, slice(0, 2))
+    trainee = task.module
+
+    def margin() -> float:
+        with torch.no_grad():
+            recon = trainee.vae.decode(trainee.vae.encode(batch["audio"]))
+            real, fake = trainee.discriminator(batch["audio"]), trainee.discriminator(recon)
+        return sum(r.mean().item() - f.mean().item() for (r, _), (f, _) in zip(real, fake, strict=True))
+
+    before = margin()
+    optimizer = torch.optim.AdamW(task.critic.module.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    losses = []
+    for _ in range(6):
+        trainee(**batch)
+        loss = task.critic.loss()
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0]
+    assert margin() > max(before, 0.0)
+
+
+def test_silence_batches_are_muted_at_the_configured_share() -> None:
+    task = make_task("vae", silence_share=0.1, hum=True)  # the hum: no clip is silent by itself
+    muted = [not task.batch(step, slice(0, 2))["audio"].any() for step in range(100)]
+    # 100 draws at p = 0.1: 10 +- 3 (binomial); [3, 20] is beyond 2.3 standard deviations either side
+    assert 3 <= sum(muted) <= 20
+    everything = make_task("vae", silence_share=1.0, hum=True)
+    assert not everything.batch(0, slice(0, 2))["audio"].any()
+    # the draw comes after the clips' and noise's: a run without silence batches draws what it drew before
+    plain, with_share = make_task("vae", hum=True).batch(7, slice(0, 2)), task.batch(7, slice(0, 2))
+    if with_share["audio"].any():
+        torch.testing.assert_close(with_share["audio"], plain["audio"], atol=0, rtol=0)
+    torch.testing.assert_close(with_share["eps"], plain["eps"], atol=0, rtol=0)
+
+
+def test_crops_are_windows_of_the_clips_at_frame_boundaries() -> None:
+    task = make_task("vae", clip_frames=8, crop_frames=3, dataset_size=2, batch_size=4, hum=True)
+    clips = stages.SyntheticAV(0, 2, 8, hum=True)
+    whole = [clips[i].audio for i in range(2)]
+    audio = task.batch(0, slice(0, 4))["audio"]
+    assert audio.shape == (4, 2, 3 * 1600)
+    for window in audio.numpy():
+        starts = [
+            f
+            for c in range(2)
+            for f in range(6)
+            if np.array_equal(whole[c][:, f * 1600 : (f + 3) * 1600], window)
+        ]
+        assert starts
+    with pytest.raises(ValueError, match="crop_frames 9 must not exceed the clips' 8 frames"):
+        make_task("vae", clip_frames=8, crop_frames=9)
+
+
+def test_the_stft_loss_sees_a_minus_70_dbfs_bed_over_silence() -> None:
+    """auraloss's power floor (stft_eps) decides what its log-magnitude term can see: at 1e-8 a -70 dBFS noise
+    bed (independent per channel) over digital silence costs at least ln(11) per bin (the 32-point FFT's bed
+    magnitude, rms * sqrt(3 * 32 / 8), over the floor's sqrt(1e-8)); at 1e-2 the floor hides it."""
+    from soundreactor.training.vae import VAETrainee
+
+    vae = tiny_model().vae
+    bed = torch.randn(1, 2, 9600, generator=torch.Generator().manual_seed(0)) * 10 ** (-70 / 20)
+    silence = torch.zeros_like(bed)
+    seen = VAETrainee(vae, TrainConfig("vae")).stft(bed, silence)
+    hidden = VAETrainee(vae, TrainConfig("vae", stft_eps=1e-2)).stft(bed, silence)
+    assert seen > 1.0
+    assert hidden < 1e-3
 
 
 def test_resume_with_other_options_names_them_but_not_steps(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Causal Oobleck VAE: official key layout, weight-norm folding, checkpoint loading, streaming == offline."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -365,3 +366,53 @@ def test_encode_shapes_and_errors(tiny_vae):
         tiny_vae.decoder.step(torch.randn(1, 64, 1), state)
     with pytest.raises(ValueError, match="22 tensors of init_state"):
         tiny_vae.decoder.step(torch.randn(1, 64), state[:-1])
+
+
+@pytest.fixture(scope="module")
+def nearest_vae(tiny_vae) -> AudioVAE:
+    """The tiny VAE with nearest-upsample + conv in the decoder (VAEConfig.upsample), non-trivial snakes."""
+    torch.manual_seed(1)
+    vae = AudioVAE(dataclasses.replace(tiny().vae, upsample="nearest")).eval()
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, SnakeBeta):
+                m.alpha.normal_(0, 0.3)
+                m.beta.normal_(0, 0.3)
+    return vae
+
+
+def test_nearest_upsampling_streams_as_offline_and_keeps_the_key_names(tiny_vae, nearest_vae):
+    transposed_keys = {k for k in tiny_vae.state_dict() if ".bias" not in k and "weight" not in k}
+    assert transposed_keys <= set(nearest_vae.state_dict())  # snakes and units keep their names
+    assert {k for k in nearest_vae.state_dict() if "decoder.layers.1.layers.1." in k} == {
+        "decoder.layers.1.layers.1.weight",
+        "decoder.layers.1.layers.1.bias",
+    }
+    torch.manual_seed(6)
+    decoder, frames = nearest_vae.decoder, 8
+    z = torch.randn(1, 64, frames)
+    with torch.no_grad():
+        offline = nearest_vae.decode(z)
+        state = decoder.init_state(1, "cpu", torch.float32)
+        chunks = []
+        for i in range(frames):
+            audio, state = decoder.step(z[:, :, i], state)
+            chunks.append(audio)
+    assert offline.abs().max() > 0.05
+    torch.testing.assert_close(
+        torch.cat(chunks, -1), offline, atol=rounding_atol(offline, depth(decoder)), rtol=0
+    )
+
+
+def test_nearest_upsampling_decodes_a_constant_latent_without_a_frame_rate_pulse(tiny_vae, nearest_vae):
+    """A constant latent sequence: nearest + conv gives every output phase the same sum of taps, so once the
+    receptive field is inside the sequence the output is constant; the transposed conv's random taps give each
+    of its stride's phases its own gain, a pattern that repeats every latent frame. The decoder's receptive
+    field is about 21 latent frames (6 at the latent rate, (15 + 78) / 8 in the first block, less later)."""
+    z = torch.full((1, 64, 40), 0.3)
+    with torch.no_grad():
+        nearest, transposed = nearest_vae.decode(z)[..., -HOP:], tiny_vae.decode(z)[..., -HOP:]
+    assert nearest.abs().max() > 1e-3 and transposed.abs().max() > 1e-3
+    spread = (nearest.amax(-1) - nearest.amin(-1)).max()
+    assert spread <= rounding_atol(nearest, depth(nearest_vae.decoder))
+    assert (transposed.amax(-1) - transposed.amin(-1)).max() > 0.1 * transposed.abs().max()

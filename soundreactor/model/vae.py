@@ -125,6 +125,28 @@ class CausalConvTranspose1d(nn.ConvTranspose1d):
         return y + self.bias[:, None]
 
 
+class CausalNearestUpsampleConv1d(CausalConv1d):
+    """Nearest-neighbour upsampling by `factor`, then a causal conv of kernel 2 x factor (stride 1).
+
+    A constant input comes out constant: every output phase sums all taps against the same value, so there is no
+    per-phase gain (the transposed conv's pulse at the input rate). Streaming repeats each new frame and keeps
+    the conv's input history, as CausalConv1d does.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, factor: int):
+        super().__init__(in_channels, out_channels, 2 * factor)
+        self.factor = factor
+
+    def _repeat(self, x: Tensor) -> Tensor:
+        return F.interpolate(x, scale_factor=self.factor, mode="nearest")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(self._repeat(x))
+
+    def stream(self, x: Tensor, states: Iterator[Tensor], new_states: list[Tensor]) -> Tensor:
+        return super().stream(self._repeat(x), states, new_states)
+
+
 class Stage(nn.Module):
     """A `layers` Sequential run in order, offline or streaming (the official nesting of every block)."""
 
@@ -165,10 +187,15 @@ def encoder_block(in_channels: int, out_channels: int, stride: int) -> Stage:
     )
 
 
-def decoder_block(in_channels: int, out_channels: int, stride: int) -> Stage:
+def decoder_block(in_channels: int, out_channels: int, stride: int, upsample: str = "transposed") -> Stage:
+    """SnakeBeta, the upsampling (VAEConfig.upsample; at index 1 either way, so keys keep their names), 3 units."""
+    if upsample == "nearest":
+        up: nn.Module = CausalNearestUpsampleConv1d(in_channels, out_channels, stride)
+    else:
+        up = CausalConvTranspose1d(in_channels, out_channels, 2 * stride, stride)
     return Stage(
         SnakeBeta(in_channels),
-        CausalConvTranspose1d(in_channels, out_channels, 2 * stride, stride),
+        up,
         *(ResidualUnit(out_channels, d) for d in DILATIONS),
     )
 
@@ -198,7 +225,7 @@ class OobleckDecoder(Stage):
         super().__init__(
             CausalConv1d(cfg.latent_dim, widths[-1], 7),
             *(
-                decoder_block(widths[i + 1], widths[i], cfg.strides[i])
+                decoder_block(widths[i + 1], widths[i], cfg.strides[i], cfg.upsample)
                 for i in reversed(range(len(cfg.strides)))
             ),
             SnakeBeta(widths[0]),

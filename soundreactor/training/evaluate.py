@@ -8,7 +8,12 @@ product runs it, and scored against each scene's true impacts and reference audi
   true impact with the impact's horizontal position x;
 - loudness: mean absolute difference in dB of the energy in the 100 ms after each true impact, candidate vs reference;
 - log-mel distance: mean absolute difference in dB of 64-band log-mel spectrograms (HTK mel scale), per channel;
-- envelope: Pearson correlation of the 10 ms log-energy envelopes, averaged over scenes.
+- envelope: Pearson correlation of the 10 ms log-energy envelopes, averaged over scenes;
+- what a listener hears between impacts: the impact gap, the median energy (dB) of the video frames where impacts
+  start minus the median energy of the frames at least GAP_MIN_FRAMES from every impact (pooled over scenes), and
+  its ratio to the reference's gap (1 keeps the contrast, 0 is a steady bed);
+- silence: the level (dBFS, mean square of both channels; a full-scale square wave is 0 dBFS) of the candidate over
+  the frames where the reference is digitally silent (every sample 0).
 The same figures for the reference audio itself (ceiling) and for random weights (floor) share the report.
 Only argparse is imported at module level: the CLI stays light.
 """
@@ -26,6 +31,8 @@ TOLERANCE_S = 1 / FPS  # +-1 video frame
 EVAL_SEED = 999_983  # training draws SyntheticAV(seed, i) from small seeds: this stream is held out
 VALIDATION_SEED = 999_979  # scenes that choose among checkpoints (early stopping): held out, never reported
 FLOOR_DB = -100.0  # energies are floored here (1e-10) before taking logs, so silence is finite
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
+GAP_MIN_FRAMES = 4  # "between impacts": frames at least this many frames from every impact's first frame
 
 # Onset detector: band-wise log-energy flux (Klapuri 1999; the lagged maximum of SuperFlux, Boeck & Widmer 2013).
 ONSET_N_FFT = 1024  # 21 ms Hann window
@@ -154,13 +161,15 @@ def score(audios, clips) -> dict:
     """Figures (module docstring) of candidate audios [2, T*1600] against the clips' events and audio.
 
     Returns a JSON-ready dict: onset_precision, onset_recall, onset_f1, onsets_true, onsets_detected,
-    pan_corr, loudness_error_db, logmel_distance_db, envelope_corr (None where undefined, e.g. for silence).
+    pan_corr, loudness_error_db, logmel_distance_db, envelope_corr, impact_gap_db, gap_ratio, silence_dbfs (None
+    where undefined, e.g. envelope_corr for silence or silence_dbfs where the reference is never silent).
     """
     import numpy as np
 
     pan_window, loud_window = SAMPLE_RATE // 20, SAMPLE_RATE // 10
     n_true = n_detected = matched = 0
     balance, xs, loud_errors, mel_distances, envelope_corrs = [], [], [], [], []
+    at_impact, between, ref_at_impact, ref_between, silent_energy = [], [], [], [], []
     for audio, clip in zip(audios, clips, strict=True):
         audio = np.asarray(audio, np.float64)
         if audio.shape != clip.audio.shape:
@@ -183,6 +192,15 @@ def score(audios, clips) -> dict:
             loud_errors.append(abs(level - ref_level))
         mel_distances.append(float(np.abs(log_mel(audio) - log_mel(clip.audio)).mean()))
         envelope_corrs.append(_pearson(_envelope_db(audio), _envelope_db(clip.audio)))
+        impacts, quiet = impact_frames(clip)
+        energy, ref_energy = frame_energy(audio), frame_energy(clip.audio)
+        at_impact.append(energy[impacts])
+        between.append(energy[quiet])
+        ref_at_impact.append(ref_energy[impacts])
+        ref_between.append(ref_energy[quiet])
+        silent_energy.append(energy[digitally_silent(clip.audio)])
+    gap, ref_gap = impact_gap_db(at_impact, between), impact_gap_db(ref_at_impact, ref_between)
+    silent = np.concatenate(silent_energy)
     precision = matched / n_detected if n_detected else 0.0
     recall = matched / n_true if n_true else 0.0
     defined = [c for c in envelope_corrs if c is not None]
@@ -196,7 +214,51 @@ def score(audios, clips) -> dict:
         "loudness_error_db": float(np.mean(loud_errors)) if loud_errors else None,
         "logmel_distance_db": float(np.mean(mel_distances)),
         "envelope_corr": float(np.mean(defined)) if defined else None,
+        "impact_gap_db": gap,
+        "gap_ratio": gap / ref_gap if gap is not None and ref_gap is not None and ref_gap > 0 else None,
+        "silence_dbfs": float(_db(silent.mean())) if len(silent) else None,
     }
+
+
+def frame_energy(audio):
+    """Mean square of both channels per video frame (1600 samples): float64 [T]."""
+    import numpy as np
+
+    audio = np.asarray(audio, np.float64)
+    frames = audio.shape[1] // SAMPLES_PER_FRAME
+    return (audio[:, : frames * SAMPLES_PER_FRAME] ** 2).reshape(audio.shape[0], frames, -1).mean((0, 2))
+
+
+def impact_frames(clip):
+    """(frames where an impact starts, frames at least GAP_MIN_FRAMES from every one): int arrays."""
+    import numpy as np
+
+    frames = len(clip.audio[0]) // SAMPLES_PER_FRAME
+    impacts = np.unique([e.sample // SAMPLES_PER_FRAME for e in clip.events]).astype(int)
+    if not len(impacts):
+        return impacts, np.arange(frames)
+    distance = np.abs(np.arange(frames)[:, None] - impacts[None, :]).min(1)
+    return impacts, np.flatnonzero(distance >= GAP_MIN_FRAMES)
+
+
+def digitally_silent(audio):
+    """Frames of `audio` [C, N] in which every sample is exactly 0: bool [T]."""
+    import numpy as np
+
+    audio = np.asarray(audio)
+    frames = audio.shape[1] // SAMPLES_PER_FRAME
+    return ~(audio[:, : frames * SAMPLES_PER_FRAME] != 0).reshape(audio.shape[0], frames, -1).any((0, 2))
+
+
+def impact_gap_db(at_impact, between) -> float | None:
+    """Median dB energy of impact frames minus that of between-impact frames, both pooled over scenes (lists of
+    energy arrays); None where either set is empty."""
+    import numpy as np
+
+    at_impact, between = np.concatenate(at_impact), np.concatenate(between)
+    if not len(at_impact) or not len(between):
+        return None
+    return float(np.median(_db(at_impact)) - np.median(_db(between)))
 
 
 def _envelope_db(audio, hop: int = 480):
@@ -266,7 +328,24 @@ COLUMNS = (
     ("loudness_error_db", "loudness err (dB)", "{:.2f}"),
     ("logmel_distance_db", "log-mel dist (dB)", "{:.2f}"),
     ("envelope_corr", "envelope corr", "{:.3f}"),
+    ("impact_gap_db", "impact gap (dB)", "{:.1f}"),
+    ("gap_ratio", "gap / truth's", "{:.2f}"),
+    ("silence_dbfs", "in silence (dBFS)", "{:.1f}"),
 )
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else spec.format(value)
+
+
+def silence_summary(figures: dict, truth: dict) -> str:
+    """One line on what a listener hears between impacts and in silence, `figures` against the truth's `score`."""
+    return (
+        f"between impacts: impacts stand {_fmt(figures['impact_gap_db'], '{:.1f}')} dB above the rest "
+        f"(the scene's own audio: {_fmt(truth['impact_gap_db'], '{:.1f}')} dB, ratio "
+        f"{_fmt(figures['gap_ratio'], '{:.2f}')}); where the scene is silent: "
+        f"{_fmt(figures['silence_dbfs'], '{:.1f}')} dBFS"
+    )
 
 
 def markdown(report: dict) -> str:
@@ -276,13 +355,14 @@ def markdown(report: dict) -> str:
         f"# Evaluation: {cfg['scenes']} held-out synthetic scenes x {cfg['frames']} frames (seed {cfg['seed']})",
         "",
         f"Model: {cfg['model']}; {report['results']['ground_truth']['onsets_true']} true onsets; onsets match "
-        "within +-1 frame (33 ms).",
+        "within +-1 frame (33 ms). Impact gap: median frame energy at impacts minus between them (frames "
+        f">= {GAP_MIN_FRAMES} from an impact); in silence: the level where the ground truth is digitally silent.",
         "",
         "| system | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",
     ]
     for name, figures in report["results"].items():
-        cells = ["n/a" if figures[k] is None else fmt.format(figures[k]) for k, _, fmt in COLUMNS]
+        cells = ["n/a" if figures.get(k) is None else fmt.format(figures[k]) for k, _, fmt in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

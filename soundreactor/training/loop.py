@@ -6,7 +6,7 @@ from a generator seeded by (seed, s) over the whole global batch, of which each 
 resumed from a checkpoint, or split over N ranks, computes what one uninterrupted process computes.
 
 Files in the run directory (written by rank 0):
-- `checkpoint-<step>/`: the newest checkpoint, whole: `state.pt` (resumable state: weights, EMA, optimizer, step,
+- `checkpoint-<step>/`: the newest checkpoint, whole: `state.pt` (resumable state: weights, EMA, optimizers (the critic's too), step,
   RNG states, both configs), `model.safetensors`, `eval.jsonl` and `best.safetensors` where the stage has them,
   and `manifest.json` (every file's size and sha256). It is written as a hidden `.checkpoint-<step>.partial/`,
   the manifest last, and renamed into place; resume takes the newest sealed one and verifies it, so a kill at
@@ -58,6 +58,18 @@ class TrainingStopped(ValueError):
 
 
 @dataclass
+class Critic:
+    """An adversary trained alongside a Task's module by its own AdamW (cfg.disc_lr, cfg.disc_betas).
+
+    module: a submodule of Task.module (saved and resumed with it), left out of the main optimizer;
+    loss(): its loss on what Task.module's last forward saw, taken after the main step; None to sit the step out.
+    """
+
+    module: nn.Module
+    loss: Callable[[], Tensor | None]
+
+
+@dataclass
 class Task:
     """What a stage gives the loop.
 
@@ -77,6 +89,7 @@ class Task:
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     select: str | None = None
     clips: Callable[[int, slice], list[str]] | None = None
+    critic: Critic | None = None
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -303,8 +316,14 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
     out.mkdir(parents=True, exist_ok=True)
     module = task.module.to(device)
     ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
-    params = [p for p in module.parameters() if p.requires_grad]
+    critic = task.critic
+    critic_params = [p for p in critic.module.parameters() if p.requires_grad] if critic else []
+    excluded = {id(p) for p in critic_params}
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in excluded]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    critic_optimizer = (
+        torch.optim.AdamW(critic_params, lr=cfg.disc_lr, betas=cfg.disc_betas) if critic else None
+    )
 
     start, evals = 0, []
     state, latest = _resume(out, cfg, device)
@@ -312,6 +331,8 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
         module.load_state_dict(state["module"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
+        if critic_optimizer is not None:
+            critic_optimizer.load_state_dict(state["critic_optimizer"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
@@ -327,7 +348,10 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
         dist.barrier()
     if start >= cfg.steps:
         return out / MODEL
-    trained = DistributedDataParallel(module) if world > 1 else module
+    # an adversary sits out its warm-up: its parameters then get no gradient, which DDP must be told
+    trained = (
+        DistributedDataParallel(module, find_unused_parameters=critic is not None) if world > 1 else module
+    )
     per_rank = cfg.batch_size // world
     part = slice(rank * per_rank, (rank + 1) * per_rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -356,10 +380,13 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
             logged /= world
         if torch.isfinite(logged[:2]).all():
             optimizer.step()
+            disc = _critic_step(critic, critic_params, critic_optimizer, cfg, autocast) if critic else None
             ema.update_parameters(module)
             skipped = 0
             record = {"step": step + 1, "loss": logged[0].item()}
             record |= {k: v.item() for k, v in zip(metrics, logged[2:], strict=True)}
+            if disc is not None:
+                record["disc"] = disc.item()
             record |= {"grad_norm": logged[1].item(), "time": round(time.perf_counter() - began, 3)}
             bar.set_postfix(loss=f"{record['loss']:.4g}")
         else:
@@ -385,7 +412,18 @@ def train(task: Task, cfg: TrainConfig, out_dir: str | Path, device: torch.devic
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             if rank == 0:
                 latest = _checkpoint(
-                    task, cfg, out, step + 1, module, ema, optimizer, device, evals, latest, bar
+                    task,
+                    cfg,
+                    out,
+                    step + 1,
+                    module,
+                    ema,
+                    optimizer,
+                    critic_optimizer,
+                    device,
+                    evals,
+                    latest,
+                    bar,
                 )
             if world > 1:
                 dist.barrier()
@@ -401,6 +439,7 @@ def _checkpoint(
     module: nn.Module,
     ema: nn.Module,
     optimizer,
+    critic_optimizer,
     device: torch.device,
     evals: list[dict],
     previous: Path | None,
@@ -413,7 +452,7 @@ def _checkpoint(
     partial = out / f".{final.name}{PARTIAL}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    _save(partial / STATE, step, cfg, module, ema, optimizer, device)
+    _save(partial / STATE, step, cfg, module, ema, optimizer, critic_optimizer, device)
     task.export(ema.module, partial / MODEL, {"training": cfg.to_json(), "step": str(step)})
     if task.evaluate is not None:
         figures = {"step": step, **task.evaluate(ema.module)}
@@ -434,8 +473,37 @@ def _checkpoint(
     return final
 
 
+def _critic_step(critic: Critic, params: list, optimizer, cfg: TrainConfig, autocast) -> Tensor:
+    """One step of the adversary on its loss (averaged over ranks); returns the loss, 0 where it sat out.
+
+    A non-finite loss or gradient is not applied (every rank sees the same all-reduced gradient norm)."""
+    with autocast:
+        loss = critic.loss()
+    if loss is None:
+        return torch.zeros((), device=params[0].device)
+    optimizer.zero_grad(set_to_none=True)  # also drops what the main loss left on its parameters
+    loss.backward()
+    if dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def _save(
-    path: Path, step: int, cfg: TrainConfig, module: nn.Module, ema: nn.Module, optimizer, device
+    path: Path,
+    step: int,
+    cfg: TrainConfig,
+    module: nn.Module,
+    ema: nn.Module,
+    optimizer,
+    critic_optimizer,
+    device,
 ) -> None:
     state = {
         "step": step,
@@ -445,6 +513,8 @@ def _save(
         "optimizer": optimizer.state_dict(),
         "rng_cpu": torch.get_rng_state(),
     }
+    if critic_optimizer is not None:
+        state["critic_optimizer"] = critic_optimizer.state_dict()
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
     atomic_write(path, lambda p: torch.save(state, p))

@@ -22,7 +22,7 @@ from soundreactor.model.soundreactor import SoundReactor
 from soundreactor.training import diffusion, ect
 from soundreactor.training.data import GridCache, VideoFolder, clip_grids
 from soundreactor.training.evaluate import VALIDATION_SEED, evaluate_vae
-from soundreactor.training.loop import Task, step_generator
+from soundreactor.training.loop import Critic, Task, step_generator
 from soundreactor.training.synthetic import SyntheticAV
 from soundreactor.training.train_config import TrainConfig
 from soundreactor.training.vae import VAETrainee, calibrated_init, folded_state, warmup
@@ -132,14 +132,29 @@ def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
         audio = [calibration[i].audio for i in range(min(VAE_INIT_CLIPS, len(calibration)))]
         calibrated_init(model.vae, torch.from_numpy(np.stack(audio)), cfg.seed)
     trainee = VAETrainee(model.vae, cfg)
-    latent_dim = model.config.vae.latent_dim
+    latent_dim, hop = model.config.vae.latent_dim, model.config.vae.hop
+    if cfg.crop_frames > frames:
+        raise ValueError(f"crop_frames {cfg.crop_frames} must not exceed the clips' {frames} frames")
+    length = cfg.crop_frames or frames
 
     def batch(step: int, part: slice) -> dict[str, Tensor]:
         gen = step_generator(cfg.seed, step)
         indices = torch.randint(len(clips), (cfg.batch_size,), generator=gen)
-        eps = torch.randn(cfg.batch_size, latent_dim, frames, generator=gen)
-        audio = torch.from_numpy(np.stack([clips[i].audio for i in indices[part].tolist()]))
-        return {"audio": audio, "eps": eps[part], "warmup": torch.tensor(warmup(cfg, step))}
+        eps = torch.randn(cfg.batch_size, latent_dim, length, generator=gen)
+        # a muted batch (RAVE's silence batches): the VAE learns that silence decodes to silence
+        muted = torch.rand((), generator=gen).item() < cfg.silence_share
+        starts = torch.randint(frames - length + 1, (cfg.batch_size,), generator=gen)[part] * hop
+        if muted:
+            audio = torch.zeros(len(starts), model.config.vae.audio_channels, length * hop)
+        else:
+            windows = zip(indices[part].tolist(), starts.tolist(), strict=True)
+            audio = torch.from_numpy(np.stack([clips[i].audio[:, s : s + length * hop] for i, s in windows]))
+        return {
+            "audio": audio,
+            "eps": eps[part],
+            "warmup": torch.tensor(warmup(cfg, step)),
+            "adversarial": torch.tensor(float(step >= cfg.adv_start)),
+        }
 
     def export(module: nn.Module, path: Path, extra: dict[str, str]) -> None:
         out = copy.deepcopy(model).cpu()
@@ -147,13 +162,44 @@ def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
         _save(out, out.config, path, extra)
 
     def evaluate(module: nn.Module) -> dict[str, float]:
-        """Onsets and envelope of the VAE's reconstructions of validation scenes: what it keeps, not its loss."""
+        """The VAE's reconstructions of validation scenes scored as `evaluate` scores a model (what it keeps, not
+        its loss), and the `vae_quality` that selects among checkpoints."""
         figures = evaluate_vae(
             module.vae, scenes=VAE_EVAL_SCENES, n_frames=VAE_EVAL_FRAMES, seed=VALIDATION_SEED
         )["reconstruction"]
-        return {k: figures[k] for k in ("onset_f1", "onset_precision", "onset_recall", "envelope_corr")}
+        return {"quality": vae_quality(figures), **{k: figures[k] for k in VAE_EVAL_FIGURES}}
 
-    return Task(trainee, batch, export, evaluate, select="onset_f1", clips=clip_names(clips, cfg))
+    critic = Critic(trainee.discriminator, trainee.discriminator_loss) if trainee.discriminator else None
+    return Task(
+        trainee, batch, export, evaluate, select="quality", clips=clip_names(clips, cfg), critic=critic
+    )
+
+
+VAE_EVAL_FIGURES = (
+    "onset_f1",
+    "onset_precision",
+    "onset_recall",
+    "envelope_corr",
+    "pan_corr",
+    "logmel_distance_db",
+    "loudness_error_db",
+    "impact_gap_db",
+    "gap_ratio",
+    "silence_dbfs",
+)
+
+
+def vae_quality(figures: dict) -> float:
+    """The figure that selects a VAE checkpoint: the geometric mean of onset F1, envelope correlation and the
+    between-impacts gap ratio, each clipped to [0, 1] (undefined counts 0).
+
+    It is 0 whenever one of them is: a silent or untrained decoder (no onsets, no envelope), a steady bed that
+    leaves impacts no louder than the rest (gap ratio 0), or output that clicks on every frame with a flat envelope
+    cannot score by the other two (the previous recipe selected by onset F1 alone).
+    """
+    parts = [figures.get(k) for k in ("onset_f1", "envelope_corr", "gap_ratio")]
+    clipped = [min(1.0, max(0.0, p)) if p is not None else 0.0 for p in parts]
+    return float(np.prod(clipped) ** (1 / 3))
 
 
 def ar_task(

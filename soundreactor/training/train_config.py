@@ -47,6 +47,28 @@ class TrainConfig:
     kl_warmup: int = option(
         500, "VAE: steps of bottleneck warm-up: no KL and no posterior noise for the first half, then a ramp"
     )
+    stft_eps: float = option(
+        1e-8,
+        "VAE: power floor of the STFT loss's magnitudes (auraloss's eps): 1e-8 floors a 32-point FFT 98 dB and a "
+        "2048-point one 134 dB below a full-scale sine, so a -70 dBFS bed over silence still costs",
+    )
+    crop_frames: int = option(
+        0,
+        "VAE: train on a random window of this many frames of each clip (0 = the whole clip); 4-frame clips are "
+        "a scene's first 133 ms, 2/3 of them digitally silent; 4-frame windows of 64-frame clips, 14%",
+    )
+    silence_share: float = option(0.0, "VAE: share of training batches muted to digital silence (RAVE: ~0.1)")
+    # the adversarial stage (stable-audio-tools' Oobleck recipe: adversarial 0.1, feature matching 5.0)
+    adv_weight: float = option(
+        0.0, "VAE: weight of the STFT discriminator's hinge loss; 0 = no discriminator"
+    )
+    fm_weight: float = option(
+        5.0, "VAE: weight of the discriminator's feature matching (with adv_weight > 0)"
+    )
+    adv_start: int = option(0, "VAE: step at which the discriminator and its losses switch on (a warm-up)")
+    disc_lr: float = option(1e-4, "VAE: the discriminator's AdamW learning rate")
+    disc_betas: tuple[float, float] = (0.8, 0.99)
+    disc_filters: int = option(32, "VAE: channels of the discriminator's conv stacks")
     vae_init: str = option(
         "keep",
         "VAE: 'keep' the starting weights, or 'calibrated': redraw them (vae.calibrated_init; from scratch)",
@@ -75,6 +97,8 @@ class TrainConfig:
             raise ValueError("steps, batch_size, checkpoint_every and max_skipped_steps must be >= 1")
         if self.vae_init not in ("keep", "calibrated"):
             raise ValueError(f"vae_init must be 'keep' or 'calibrated', got {self.vae_init!r}")
+        if not 0.0 <= self.silence_share <= 1.0:
+            raise ValueError(f"silence_share must be in [0, 1], got {self.silence_share}")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
 
@@ -85,5 +109,7 @@ class TrainConfig:
     def from_json(cls, text: str) -> TrainConfig:
         data: dict[str, Any] = json.loads(text)
         data["betas"] = tuple(data["betas"])
+        if "disc_betas" in data:  # configs written before the adversarial stage lack it
+            data["disc_betas"] = tuple(data["disc_betas"])
         data["consistency_steps"] = {int(n): tuple(t) for n, t in data["consistency_steps"].items()}
         return cls(**data)

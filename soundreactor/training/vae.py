@@ -19,6 +19,12 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from soundreactor.model.vae import AudioVAE
+from soundreactor.training.discriminator import (
+    MultiScaleSTFTDiscriminator,
+    discriminator_hinge,
+    feature_matching,
+    generator_hinge,
+)
 from soundreactor.training.train_config import TrainConfig
 
 # the official sr_ds_1600_dim_64_causal spectral loss (its perceptual weighting needs scipy and is left out)
@@ -143,7 +149,13 @@ def warmup(cfg: TrainConfig, step: int) -> float:
 
 
 class VAETrainee(nn.Module):
-    """forward(audio [B, 2, T], eps [B, latent, T/hop], warmup [] (see `warmup`)) -> (loss, metrics)."""
+    """forward(audio [B, 2, T], eps [B, latent, T/hop], warmup [] (see `warmup`), adversarial [] (0 or 1))
+    -> (loss, metrics).
+
+    With cfg.adv_weight > 0 it holds a MultiScaleSTFTDiscriminator: on adversarial steps the VAE's loss adds the
+    generator hinge and feature-matching terms, and `discriminator_loss()` then gives the discriminator's hinge
+    loss on that step's (real, reconstructed) pair, for its own optimizer (`loop.Critic`).
+    """
 
     def __init__(self, vae: AudioVAE, cfg: TrainConfig) -> None:
         super().__init__()
@@ -158,9 +170,18 @@ class VAETrainee(nn.Module):
             # synthetic clips often are (it gave 2.6e4 on a silent batch); log and linear magnitudes remain
             w_sc=0.0,
             w_lin_mag=1.0,
+            eps=cfg.stft_eps,
         )
+        self.discriminator = (
+            MultiScaleSTFTDiscriminator(vae.cfg.audio_channels, cfg.disc_filters)
+            if cfg.adv_weight > 0
+            else None
+        )
+        self._pair: tuple[Tensor, Tensor] | None = None  # the last adversarial step's (audio, reconstruction)
 
-    def forward(self, audio: Tensor, eps: Tensor, warmup: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, audio: Tensor, eps: Tensor, warmup: Tensor, adversarial: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         mean, logvar = self.vae.encoder(audio).split(self.latent_dim, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         latents = mean + warmup * torch.exp(0.5 * logvar) * eps
@@ -172,4 +193,22 @@ class VAETrainee(nn.Module):
         cfg = self.cfg
         loss = cfg.l1_weight * l1 + cfg.stft_weight * stft + cfg.envelope_weight * envelope
         loss = loss + warmup * cfg.kl_weight * kl
-        return loss, {"l1": l1, "stft": stft, "envelope": envelope, "kl": kl}
+        metrics = {"l1": l1, "stft": stft, "envelope": envelope, "kl": kl}
+        if self.discriminator is None:
+            return loss, metrics
+        adv = fm = torch.zeros((), device=audio.device)
+        self._pair = None
+        if adversarial is not None and bool(adversarial):
+            real, fake = self.discriminator(audio), self.discriminator(recon)
+            adv, fm = generator_hinge(fake), feature_matching(real, fake)
+            loss = loss + cfg.adv_weight * adv + cfg.fm_weight * fm
+            self._pair = (audio.detach(), recon.detach())
+        return loss, {**metrics, "adv": adv, "fm": fm}
+
+    def discriminator_loss(self) -> Tensor | None:
+        """The discriminator's hinge loss on the last forward's pair; None where that step was not adversarial."""
+        if self._pair is None:
+            return None
+        audio, recon = self._pair
+        self._pair = None
+        return discriminator_hinge(self.discriminator(audio), self.discriminator(recon))
