@@ -380,4 +380,6 @@ def test_a_nearest_upsampling_decoder_exports_and_matches_torch(tmp_path):
     run_command(["export", "--checkpoint", str(checkpoint), "--out", str(out), *options])
     graphs = [g for g in load_manifest(out).graphs if g.name == "vae_decoder"]
     assert len(graphs) == 1
-    compare(graphs, ort_runner(out), load_model(checkpoint), rel_tol=1e-5)  # fp32 rounding, as above
+    # fp32 rounding, as above, scaled by magnitude: the perturbed decoder's convolutions reach ~4.4x its output
+    # peak (10.5 against 2.4), and rounding follows the largest intermediate, not the output
+    compare(graphs, ort_runner(out), load_model(checkpoint), rel_tol=5e-5)

@@ -332,7 +332,7 @@ def test_vae_quality_is_zero_for_a_silent_or_steady_decoder_and_one_for_the_trut
 
 def test_adversarial_vae_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     """With the discriminator switched on at step 1 and silence batches: the discriminator's weights and its
-    optimizer come back from state.pt, so a crash between checkpoints resumes to the same bits."""
+    optimizer come back from the checkpoint's state.pt, so a crash between checkpoints resumes to the same bits."""
     options = {**ADVERSARIAL, "adv_start": 1, "silence_share": 0.3}
     steps = 5
 
@@ -355,7 +355,10 @@ def test_adversarial_vae_resume_equals_an_uninterrupted_run(tmp_path: Path) -> N
     with pytest.raises(Crash):
         loop.train(crashing, cfg, tmp_path / "b")
     loop.train(task(), cfg, tmp_path / "b")
-    whole, resumed = (torch.load(d / loop.STATE, weights_only=True) for d in (tmp_path / "a", tmp_path / "b"))
+    whole, resumed = (
+        torch.load(loop.checkpoint_dir(d, steps) / loop.STATE, weights_only=True)
+        for d in (tmp_path / "a", tmp_path / "b")
+    )
     disc = [k for k in whole["module"] if k.startswith("discriminator.")]
     assert disc and whole["critic_optimizer"]["state"]
     for key in whole["module"]:
