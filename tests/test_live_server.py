@@ -615,3 +615,12 @@ def test_a_recording_the_encoder_cannot_keep_up_with_stops_without_gaps(tmp_path
     assert len(decoded_frames) == MAX_BACKLOG
     for k, got in enumerate(decoded_frames):
         np.testing.assert_array_equal(got, frames[k % 3])
+
+
+def test_live_without_aiohttp_says_which_extra_to_install(monkeypatch, capsys):
+    from soundreactor.cli import main
+
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # as if it were not installed
+    assert main(["live"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs aiohttp" in err and "soundreactor[live]" in err

@@ -67,6 +67,12 @@ async def serve(app, host: str, port: int, ssl, on_ready) -> None:
 
 
 def cmd_live(args: argparse.Namespace) -> None:
+    try:
+        import aiohttp  # noqa: F401 (the live extra)
+    except ImportError:
+        raise ValueError(
+            "soundreactor live needs aiohttp: pip install 'soundreactor[live]' (or -e '.[live]' in a checkout)"
+        ) from None
     from soundreactor.live.engines import build_streams, checkpoint_path, default_backend
     from soundreactor.live.server import create_app
     from soundreactor.live.slots import SlotStepper
