@@ -9,21 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import SMALL, one_thread  # noqa: F401 (the autouse fixture applies here too)
 
 from soundreactor.checkpoint import CheckpointError, load_checkpoint
 from soundreactor.model.soundreactor import init_model
 from soundreactor.training import loop, stages
 from soundreactor.training.train_config import TrainConfig
-
-SMALL = {"batch_size": 2, "dataset_size": 6, "clip_frames": 4, "checkpoint_every": 2, "lr": 1e-3}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(steps: int, **options) -> TrainConfig:

@@ -40,6 +40,8 @@ class SlotStepper:
         self.slots, self.frame_hw = streams.slots, tuple(streams.frame_hw)
         self.sample_rate, self.samples_per_frame = streams.sample_rate, streams.samples_per_frame
         self.lanes: dict[int, Lane] = {}
+        # one batch buffer, refilled each step (the next batch is built only after the step in flight returns)
+        self._frames = np.zeros((self.slots, *self.frame_hw, 3), np.uint8)
         self.free = list(range(self.slots))
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="live-step")
         self._arrived = asyncio.Event()
@@ -89,7 +91,7 @@ class SlotStepper:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        h, w = self.frame_hw
+        frames = self._frames
         while True:
             ready = await self._gather()
             batch: list[tuple[Lane, Pending]] = []
@@ -99,8 +101,7 @@ class SlotStepper:
                     batch.append((lane, pending))
             if not batch:
                 continue
-            frames = np.zeros((self.slots, h, w, 3), np.uint8)
-            active = np.zeros(self.slots, bool)
+            active = np.zeros(self.slots, bool)  # slots without a frame keep a stale one, skipped as inactive
             for lane, pending in batch:
                 frames[lane.slot] = pending.frame
                 active[lane.slot] = True
