@@ -47,10 +47,13 @@ def make_task(stage: str, **options) -> loop.Task:
 ADVERSARIAL = {"adv_weight": 0.1, "fm_weight": 5.0, "disc_filters": 8}
 
 
-@pytest.mark.parametrize("stage", ["vae", "vae-adversarial", "pretrain", "ect"])
+VARIANTS = {"vae-adversarial": ADVERSARIAL, "vae-decoder-only": {**ADVERSARIAL, "freeze_encoder": True}}
+
+
+@pytest.mark.parametrize("stage", ["vae", *VARIANTS, "pretrain", "ect"])
 def test_one_gradient_step_lowers_the_loss_on_a_fixed_batch(stage: str) -> None:
-    options = ADVERSARIAL if stage == "vae-adversarial" else {}
-    stage = stage.removesuffix("-adversarial")
+    options = VARIANTS.get(stage, {})
+    stage = stage.split("-")[0]
     task = make_task(stage, kl_warmup=0, **options)  # the VAE with posterior noise and KL from the start
     batch = task.batch(0, slice(0, SMALL["batch_size"]))
     critic = {id(p) for p in task.critic.module.parameters()} if task.critic else set()
@@ -525,3 +528,46 @@ def test_features_held_in_memory_are_not_made_again() -> None:
     torch.testing.assert_close(again[1], first[1].flip(0), rtol=0, atol=0)
     fresh = stages.Features(model, SyntheticAV(0, 4, 4))(torch.tensor([2]))  # recomputed from the clip
     torch.testing.assert_close(fresh[1][0], first[1][1], rtol=0, atol=0)
+
+
+def test_a_decoder_only_run_keeps_the_encoder_and_swaps_into_a_model(tmp_path: Path) -> None:
+    """`--freeze-encoder` trains the decoder alone (the exported encoder is the starting one to float32 rounding
+    of the weight-norm fold) and `swap_decoder` puts that decoder into a model sharing the encoder, refusing one
+    with another encoder."""
+    from soundreactor.training.swap_decoder import swap_decoder
+
+    options = {**ADVERSARIAL, "freeze_encoder": True, "steps": 4}
+    task = make_task("vae", **options)
+    assert not any(p.requires_grad for p in task.module.vae.encoder.parameters())
+    task.evaluate = None
+    trained = loop.train(task, TrainConfig("vae", **SMALL, **options), tmp_path / "run")
+    _, start = load_checkpoint(_saved(tiny_model(0), tmp_path / "start.safetensors"))
+    _, after = load_checkpoint(trained)
+    for key in (k for k in start if k.startswith("vae.encoder.")):
+        scale = start[key].abs().max().item()
+        torch.testing.assert_close(after[key], start[key], atol=1e-6 * scale, rtol=0, msg=key)
+    decoder = [k for k in start if k.startswith("vae.decoder.") and k.endswith("weight")]
+    assert any(not torch.equal(after[k], start[k]) for k in decoder)
+
+    other = tiny_model(0)
+    with torch.no_grad():
+        for p in [*other.transformer.parameters(), *other.head.parameters()]:
+            p.add_(1.0)  # a "trained" model: its own transformer and head, the VAE it was trained on
+    model = _saved(other, tmp_path / "model.safetensors")
+    swap_decoder(model, trained, tmp_path / "swapped.safetensors")
+    _, mine = load_checkpoint(model)
+    _, swapped = load_checkpoint(tmp_path / "swapped.safetensors")
+    assert swapped.keys() == mine.keys()
+    for key, value in swapped.items():
+        expected = after[key] if key.startswith("vae.decoder.") else mine[key]
+        torch.testing.assert_close(value, expected, atol=0, rtol=0, msg=key)
+
+    foreign = _saved(tiny_model(1), tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="encoder is not"):
+        swap_decoder(foreign, trained, tmp_path / "refused.safetensors")
+    assert not (tmp_path / "refused.safetensors").exists()
+
+
+def _saved(model: SoundReactor, path: Path) -> Path:
+    model.save(path)
+    return path

@@ -58,6 +58,11 @@ class TrainConfig:
         "a scene's first 133 ms, 2/3 of them digitally silent; 4-frame windows of 64-frame clips, 14%",
     )
     silence_share: float = option(0.0, "VAE: share of training batches muted to digital silence (RAVE: ~0.1)")
+    freeze_encoder: bool = option(
+        False,
+        "VAE: train the decoder only; the encoder, hence the latents a model trained on them reads, stays as it "
+        "is (a better decoder then replaces a trained model's own)",
+    )
     # the adversarial stage (stable-audio-tools' Oobleck recipe: adversarial 0.1, feature matching 5.0)
     adv_weight: float = option(
         0.0, "VAE: weight of the STFT discriminator's hinge loss; 0 = no discriminator"
