@@ -47,7 +47,7 @@ def table(rows: list[dict], reference: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(path: Path, rows: list[dict], log: list[dict], reference: dict | None) -> None:
+def plot(path: Path, rows: list[dict], log: list[dict], reference: dict | None, reference_label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +71,7 @@ def plot(path: Path, rows: list[dict], log: list[dict], reference: dict | None) 
             title, target, _ = PANELS[key]
             ax.plot(steps, [r.get(key) if r.get(key) is not None else float("nan") for r in rows], "o-", ms=3)
             if reference is not None and reference.get(key) is not None:
-                ax.axhline(reference[key], color="gray", ls="--", lw=1, label="previous VAE")
+                ax.axhline(reference[key], color="gray", ls="--", lw=1, label=reference_label)
             if target is not None:
                 ax.axhline(target, color="green", ls=":", lw=1, label="target")
             ax.set_title(title, fontsize=9)
@@ -92,18 +92,21 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("out_prefix", type=Path)
     parser.add_argument(
-        "--reference", type=Path, help="JSON with a 'reconstruction' dict of the same figures"
+        "--reference",
+        type=Path,
+        help="JSON with a 'reconstruction' dict of the same figures (and a 'label' for the plot)",
     )
     args = parser.parse_args()
     rows = read_jsonl(args.run_dir / "eval.jsonl")
     log = read_jsonl(args.run_dir / "log.jsonl")
-    reference = json.loads(args.reference.read_text())["reconstruction"] if args.reference else None
+    given = json.loads(args.reference.read_text()) if args.reference else {}
+    reference = given.get("reconstruction")
     best = max(rows, key=lambda r: r["quality"])
     out = {"checkpoints": rows, "best": best, "reference": reference, "last_log": log[-1] if log else None}
     args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
     args.out_prefix.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     args.out_prefix.with_suffix(".md").write_text(table(rows, reference))
-    plot(args.out_prefix.with_suffix(".png"), rows, log, reference)
+    plot(args.out_prefix.with_suffix(".png"), rows, log, reference, given.get("label", "previous VAE"))
     print(table(rows, reference))
     print(f"best by quality: step {best['step']} ({best['quality']:.3f})")
 
