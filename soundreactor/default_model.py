@@ -56,15 +56,19 @@ def evaluate_default(checkpoint: str | Path = CHECKPOINT, nfes: tuple[int, ...] 
     return report
 
 
-def publish(source: str | Path, checkpoint: Path = CHECKPOINT, report: Path = REPORT) -> dict:
-    """Write `source`'s weights to `checkpoint` (float32 stored as float16) and the evaluation of that file, as
-    loaded, to `report`. Both are made beside their targets and renamed into place once the evaluation is done,
+def publish(
+    source: str | Path, checkpoint: Path = CHECKPOINT, report: Path = REPORT, guidance: float | None = None
+) -> dict:
+    """Write `source`'s weights to `checkpoint` (float32 stored as float16), with `guidance` as its stored guidance
+    weight where given, and the evaluation of that file, as loaded, to `report`. Both are made beside their targets and renamed into place once the evaluation is done,
     so an interrupted or failed publish leaves the previous pair, never a model beside another's report.
     Returns the report."""
     from soundreactor.checkpoint import load_checkpoint, save_checkpoint
     from soundreactor.files import write_text
 
     config, tensors = load_checkpoint(source)
+    if guidance is not None:
+        config = config.replace(sampler={"guidance": guidance})
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     staged = [path.with_name(f".{path.name}.new") for path in (checkpoint, report)]
     try:
@@ -82,8 +86,14 @@ def publish(source: str | Path, checkpoint: Path = CHECKPOINT, report: Path = RE
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m soundreactor.default_model", description=__doc__)
     parser.add_argument("source", help="the trained checkpoint to publish (RUN/ect/model.safetensors)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        help="guidance weight to store (default: the source's); choose it on validation scenes "
+        "(perf/select_default.py), never on the held-out ones the report uses",
+    )
     args = parser.parse_args(argv)
-    figures = publish(args.source)
+    figures = publish(args.source, guidance=args.guidance)
     for name in ("ground_truth", *(f"nfe{n}" for n in REPORT_NFES)):
         f = figures[name]
         print(

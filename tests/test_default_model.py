@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from soundreactor import default_model
-from soundreactor.checkpoint import STORAGE_KEY
+from soundreactor.checkpoint import STORAGE_KEY, load_checkpoint
 from soundreactor.cli import DEMO_HW, main
 from soundreactor.model.soundreactor import init_model
 from soundreactor.runtime.cuda_graph_backend import GraphStreams
@@ -96,8 +96,9 @@ def test_the_demo_is_heard_where_it_is_seen(tmp_path, capsys):
     random_model = init_model("small", seed=seed, input_hw=DEMO_HW)[0]
     scene = make_clip(seed, round(seconds * evaluate.FPS), hw=DEMO_HW)
     floor = evaluate.score([evaluate.stream_audio(random_model, scene.frames, seed)], [scene])["onset_f1"]
-    # measured: 0.38 (precision 0.26, recall 0.69: 9 of 13 impacts) against 0.14 (1 of 13); see default_model.md
-    assert trained >= floor + 0.2, (trained, floor)
+    # measured: 0.67 (precision 0.64, recall 0.69: 9 of 13 impacts) against 0.14 (1 of 13); see default_model.md.
+    # Issue 20's bar: +0.3 (two detections flipping on another CPU move F1 by about 0.15)
+    assert trained >= floor + 0.3, (trained, floor)
 
 
 def test_publish_replaces_the_model_and_its_report_together(tmp_path, monkeypatch):
@@ -137,3 +138,15 @@ def test_publish_replaces_the_model_and_its_report_together(tmp_path, monkeypatc
         "report.json",
         "trained.safetensors",
     ]
+
+
+def test_publish_stores_the_guidance_chosen_on_validation(tmp_path, monkeypatch):
+    source = tmp_path / "trained.safetensors"
+    init_model("tiny", seed=3)[0].save(source)
+    monkeypatch.setattr(default_model, "evaluate_default", lambda path: {})
+    checkpoint = tmp_path / "default.safetensors"
+    default_model.publish(source, checkpoint, tmp_path / "report.json", guidance=4.5)
+    published = load_checkpoint(checkpoint)[0]
+    original = load_checkpoint(source)[0]
+    assert published.sampler.guidance == 4.5 != original.sampler.guidance
+    assert published.replace(sampler={"guidance": original.sampler.guidance}) == original
