@@ -365,3 +365,17 @@ def test_the_shipped_model_is_named_default(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(export) == 2 and exported == ["small"]
     assert _one_error_line(capsys) == "error: stopped by the test"
+
+
+def test_every_command_prints_its_help(capsys):
+    """argparse formats help lazily: a stray `%` in one option's text crashes that command's --help only."""
+    from soundreactor.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"run", "demo", "train", "train-vae", "evaluate"} <= set(commands)
+    for name, parser in commands.items():
+        parser.format_help()  # raises ValueError on a bad format character
+        with pytest.raises(SystemExit) as stop:
+            main([name, "--help"])
+        assert stop.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out, name

@@ -568,6 +568,49 @@ def test_a_decoder_only_run_keeps_the_encoder_and_swaps_into_a_model(tmp_path: P
     assert not (tmp_path / "refused.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("foreign encoder", "encoder is not"),
+        ("missing model", "checkpoint not found"),
+        ("run folder as VAE", "is a folder: give a checkpoint in it"),
+        ("out is the model", "would destroy the input"),
+        ("out exists", "exists; give --force"),
+        ("out not safetensors", "name it out.safetensors"),
+        ("out folder missing", "does not exist"),
+    ],
+)
+def test_swap_decoder_refuses_bad_paths_with_one_error_line(tmp_path: Path, capsys, case: str, match: str):
+    from soundreactor.training.swap_decoder import main
+
+    model, vae = _saved(tiny_model(0), tmp_path / "model.safetensors"), tmp_path / "run" / "best.safetensors"
+    vae.parent.mkdir()
+    _saved(tiny_model(1 if case == "foreign encoder" else 0), vae)
+    (tmp_path / "exists.safetensors").write_bytes(b"keep")
+    out = {
+        "out is the model": model,
+        "out exists": tmp_path / "exists.safetensors",
+        "out not safetensors": tmp_path / "out.wav",
+        "out folder missing": tmp_path / "none" / "out.safetensors",
+    }.get(case, tmp_path / "out.safetensors")
+    args = [str(tmp_path / "missing.safetensors") if case == "missing model" else str(model)]
+    args += [str(vae.parent) if case == "run folder as VAE" else str(vae), str(out)]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_freeze_encoder_needs_a_trained_encoder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="redraws it"):
+        TrainConfig("vae", freeze_encoder=True, vae_init="calibrated")
+    args = ["train-vae", "--preset", "tiny", "--freeze-encoder", "--out-dir", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "-m", "soundreactor", *args], capture_output=True, text=True)
+    assert proc.returncode != 0 and "give --init" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def _saved(model: SoundReactor, path: Path) -> Path:
     model.save(path)
     return path

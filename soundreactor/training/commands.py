@@ -25,7 +25,7 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
         if f.name == "stage" or kind not in PLAIN:
             continue
         flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata.get('help', '')} (default {f.default})"
+        text = f"{f.metadata.get('help', '')} (default {f.default})".replace("%", "%%")  # argparse formats it
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=text)
         else:
@@ -59,6 +59,11 @@ def _run(args: argparse.Namespace, stage: str) -> None:
     from soundreactor.training.loop import default_device, train
 
     cfg = _config(args, stage)
+    if cfg.freeze_encoder and not args.init:
+        raise ValueError(
+            "--freeze-encoder trains a decoder for the encoder of a trained VAE: give --init with its checkpoint "
+            "(train-vae's RUN/best.safetensors)"
+        )
     device = default_device(args.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -9,11 +9,13 @@ VAE whose encoder is not MODEL's (another latent space, which would decode the m
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 from soundreactor.checkpoint import load_checkpoint, save_checkpoint
+from soundreactor.outputs import OutputPathError, check_outputs, check_suffix
 
 DECODER = "vae.decoder."
 ENCODER = "vae.encoder."
@@ -45,15 +47,37 @@ def swap_decoder(model_path: str | Path, vae_path: str | Path, out: str | Path) 
     save_checkpoint(out, config, {**tensors, **decoder}, extra)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="trained model checkpoint (train --stage ect)")
-    parser.add_argument("vae", help="checkpoint whose decoder to take (train-vae --freeze-encoder)")
-    parser.add_argument("out", help="checkpoint to write")
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, or 1 with one `error:` line (nothing written) for a bad path or checkpoint."""
+    parser = argparse.ArgumentParser(
+        prog="python -m soundreactor.training.swap_decoder", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "model", help="trained model checkpoint (train --stage ect: RUN/ect/model.safetensors)"
+    )
+    parser.add_argument(
+        "vae", help="checkpoint whose decoder to take (train-vae --freeze-encoder: RUN/best.safetensors)"
+    )
+    parser.add_argument("out", help="checkpoint to write (.safetensors)")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
-    swap_decoder(args.model, args.vae, args.out)
+    try:
+        for flag, path in (("MODEL", args.model), ("VAE", args.vae)):
+            if Path(path).is_dir():
+                raise ValueError(
+                    f"{flag} {path} is a folder: give a checkpoint in it, e.g. {Path(path) / 'best.safetensors'}"
+                )
+        check_outputs([("OUT", args.out)], [("MODEL", args.model), ("VAE", args.vae)])
+        check_suffix("OUT", args.out, (".safetensors",), "a safetensors checkpoint")
+        if Path(args.out).exists() and not args.force:
+            raise OutputPathError(f"OUT {args.out} exists; give --force to replace it, or choose another OUT")
+        swap_decoder(args.model, args.vae, args.out)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

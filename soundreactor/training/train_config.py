@@ -102,6 +102,11 @@ class TrainConfig:
             raise ValueError("steps, batch_size, checkpoint_every and max_skipped_steps must be >= 1")
         if self.vae_init not in ("keep", "calibrated"):
             raise ValueError(f"vae_init must be 'keep' or 'calibrated', got {self.vae_init!r}")
+        if self.freeze_encoder and self.vae_init == "calibrated":
+            raise ValueError(
+                "freeze_encoder keeps the encoder a trained model reads, vae_init 'calibrated' redraws it: "
+                "give one of them"
+            )
         if not 0.0 <= self.silence_share <= 1.0:
             raise ValueError(f"silence_share must be in [0, 1], got {self.silence_share}")
         if not 0.0 <= self.p_uncond <= 1.0:
