@@ -5,7 +5,8 @@
 Streams every checkpoint at every guidance (NFE 4, the checkpoint's step times) over the VAE's validation scenes
 (`evaluate.VALIDATION_SEED`, 8 x 60 frames by default) and scores them with `evaluate.score`. Writes OUT_PREFIX.json
 and OUT_PREFIX.md, one row per (checkpoint, guidance), with `quality` (stages.vae_quality of the model's audio:
-onset F1, envelope and gap ratio; 0 where one is 0) as the selecting figure.
+onset F1, envelope and gap ratio; 0 where one is 0) as the selecting figure: the row with the highest is "best" in
+the JSON and its guidance the last line printed (perf/train_default.sh reads it).
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def main() -> None:
                 {"checkpoint": str(path), "guidance": guidance, "quality": vae_quality(figures), **figures}
             )
             print(json.dumps(rows[-1]), flush=True)
+    best = max(rows, key=lambda r: r["quality"])
     config = {"seed": evaluate.VALIDATION_SEED, "scenes": args.scenes, "frames": args.frames, "nfe": args.nfe}
     args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
     args.out_prefix.with_suffix(".json").write_text(
-        json.dumps({"config": config, "rows": rows}, indent=1) + "\n"
+        json.dumps({"config": config, "rows": rows, "best": best}, indent=1) + "\n"
     )
     lines = [
         f"Validation scenes (seed {config['seed']}, {args.scenes} x {args.frames} frames), NFE {args.nfe}.",
@@ -73,8 +75,10 @@ def main() -> None:
         cells = " | ".join("n/a" if r[k] is None else f"{r[k]:.3g}" for k in COLUMNS)
         name = Path(r["checkpoint"])
         lines.append(f"| {name.parent.name}/{name.name} | {r['guidance']:g} | {cells} |")
+    lines += ["", f"Best by quality: {best['checkpoint']} at guidance {best['guidance']:g}."]
     args.out_prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"{best['guidance']:g}")
 
 
 if __name__ == "__main__":

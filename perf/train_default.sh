@@ -17,7 +17,6 @@ RUN=${1:-runs/default}
 VAE_STEPS=${VAE_STEPS:-2600}
 PRE_STEPS=${PRE_STEPS:-22000}
 ECT_STEPS=${ECT_STEPS:-2000}
-GUIDANCE=${GUIDANCE:-4.5}  # what step 4 chose for the published model
 EVAL_SCENES=${EVAL_SCENES:-8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on a busy 2-core box two threads made steps 5x slower
 PY=${PYTHON:-python}  # the interpreter of the environment soundreactor is installed in
@@ -40,8 +39,9 @@ $SR_DDP train --stage pretrain --init "$RUN/vae/best.safetensors" --out-dir "$RU
 $SR_DDP train --stage ect --init "$RUN/pretrain/model.safetensors" --out-dir "$RUN/ect" \
   --grid-cache "$RUN/grids" --steps "$ECT_STEPS" --batch-size 8 --lr 3e-4 --ema-decay 0.995 \
   --dataset-size 2000 --ect-stage-steps $((ECT_STEPS / 4)) --checkpoint-every 200
-# 4. the guidance weight, on validation scenes (the highest `quality`; GUIDANCE above is what it chose)
-$PY perf/select_default.py "$RUN/select_guidance" "$RUN/ect/model.safetensors" --guidance 2 3 4.5 6 8
+# 4. the guidance weight, on validation scenes: the highest `quality` (4.5 for the published model)
+GUIDANCE=$($PY perf/select_default.py "$RUN/select_guidance" "$RUN/ect/model.safetensors" --guidance 2 3 4.5 6 8 |
+  tail -n 1)
 # 5. held-out scenes through the streaming runtime: the model, ground truth, its VAE and random weights
 for NFE in 4 1; do
   $SR evaluate --checkpoint "$RUN/ect/model.safetensors" --nfe "$NFE" --guidance "$GUIDANCE" \
