@@ -206,6 +206,11 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Config and tensors of a checkpoint written by `save_checkpoint` (keys are checked by the model loader)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint: give a checkpoint file in it (a training run writes "
+            "model.safetensors and best.safetensors)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (make one with `soundreactor init`)")
     from safetensors import SafetensorError, safe_open

@@ -59,10 +59,10 @@ def evaluate_default(checkpoint: str | Path = CHECKPOINT, nfes: tuple[int, ...] 
 def publish(
     source: str | Path, checkpoint: Path = CHECKPOINT, report: Path = REPORT, guidance: float | None = None
 ) -> dict:
-    """Write `source`'s weights to `checkpoint` (float32 stored as float16), with `guidance` as its stored guidance
-    weight where given, and the evaluation of that file, as loaded, to `report`. Both are made beside their targets and renamed into place once the evaluation is done,
-    so an interrupted or failed publish leaves the previous pair, never a model beside another's report.
-    Returns the report."""
+    """Write `source`'s weights to `checkpoint` (float32 stored as float16; `guidance`, where given, as its stored
+    guidance weight) and the evaluation of that file, as loaded, to `report`. Both are made beside their targets
+    and renamed into place once the evaluation is done, so an interrupted or failed publish leaves the previous
+    pair, never a model beside another's report. Returns the report."""
     from soundreactor.checkpoint import load_checkpoint, save_checkpoint
     from soundreactor.files import write_text
 

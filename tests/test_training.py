@@ -573,7 +573,7 @@ def test_a_decoder_only_run_keeps_the_encoder_and_swaps_into_a_model(tmp_path: P
     [
         ("foreign encoder", "encoder is not"),
         ("missing model", "checkpoint not found"),
-        ("run folder as VAE", "is a folder: give a checkpoint in it"),
+        ("run folder as VAE", "is a folder, not a checkpoint"),
         ("out is the model", "would destroy the input"),
         ("out exists", "exists; give --force"),
         ("out not safetensors", "name it out.safetensors"),

@@ -313,28 +313,34 @@ def test_loader_rejects_bad_checkpoints(tiny_vae):
         fold_weight_norm({"conv.parametrizations.weight.original1": torch.ones(2, 1, 1)})
 
 
+@torch.no_grad()
+def streamed(decoder, z: torch.Tensor) -> torch.Tensor:
+    """`z` [B, 64, frames] decoded one frame at a time through `step`, checking that every step leaves the state
+    it was given untouched and returns one of the same shapes."""
+    state = decoder.init_state(z.shape[0], "cpu", torch.float32)
+    assert [tuple(s.shape) for s in state] == decoder.state_shapes(z.shape[0])
+    chunks = []
+    for i in range(z.shape[-1]):
+        before = [s.clone() for s in state]
+        audio, new_state = decoder.step(z[:, :, i], state)
+        assert all(torch.equal(a, b) for a, b in zip(before, state, strict=True))  # inputs untouched
+        assert [s.shape for s in new_state] == [s.shape for s in state]
+        chunks.append(audio)
+        state = new_state
+    return torch.cat(chunks, -1)
+
+
 def test_streaming_matches_offline_and_is_pure(tiny_vae):
     torch.manual_seed(4)
-    decoder, frames = tiny_vae.decoder, 12
+    frames = 12
     z = torch.randn(2, 64, frames)
     with torch.no_grad():
         offline = tiny_vae.decode(z)
-        state = decoder.init_state(2, "cpu", torch.float32)
-        assert [tuple(s.shape) for s in state] == decoder.state_shapes(2)
-        chunks = []
-        for i in range(frames):
-            before = [s.clone() for s in state]
-            audio, new_state = decoder.step(z[:, :, i], state)
-            assert all(torch.equal(a, b) for a, b in zip(before, state, strict=True))  # inputs untouched
-            assert [s.shape for s in new_state] == [s.shape for s in state]
-            chunks.append(audio)
-            state = new_state
     assert offline.shape == (2, 2, frames * HOP)
     assert offline.abs().max() > 0.05  # a silent decoder would make the comparison vacuous
     # the same convolutions on chunks with carried state: each layer's sums may block differently
-    torch.testing.assert_close(
-        torch.cat(chunks, -1), offline, atol=rounding_atol(offline, depth(decoder)), rtol=0
-    )
+    atol = rounding_atol(offline, depth(tiny_vae.decoder))
+    torch.testing.assert_close(streamed(tiny_vae.decoder, z), offline, atol=atol, rtol=0)
 
 
 def test_zero_lookahead(tiny_vae):
@@ -389,19 +395,12 @@ def test_nearest_upsampling_streams_as_offline_and_keeps_the_key_names(tiny_vae,
         "decoder.layers.1.layers.1.bias",
     }
     torch.manual_seed(6)
-    decoder, frames = nearest_vae.decoder, 8
-    z = torch.randn(1, 64, frames)
+    z = torch.randn(1, 64, 8)
     with torch.no_grad():
         offline = nearest_vae.decode(z)
-        state = decoder.init_state(1, "cpu", torch.float32)
-        chunks = []
-        for i in range(frames):
-            audio, state = decoder.step(z[:, :, i], state)
-            chunks.append(audio)
     assert offline.abs().max() > 0.05
-    torch.testing.assert_close(
-        torch.cat(chunks, -1), offline, atol=rounding_atol(offline, depth(decoder)), rtol=0
-    )
+    atol = rounding_atol(offline, depth(nearest_vae.decoder))
+    torch.testing.assert_close(streamed(nearest_vae.decoder, z), offline, atol=atol, rtol=0)
 
 
 def test_nearest_upsampling_decodes_a_constant_latent_without_a_frame_rate_pulse(tiny_vae, nearest_vae):

@@ -62,11 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     try:
-        for flag, path in (("MODEL", args.model), ("VAE", args.vae)):
-            if Path(path).is_dir():
-                raise ValueError(
-                    f"{flag} {path} is a folder: give a checkpoint in it, e.g. {Path(path) / 'best.safetensors'}"
-                )
         check_outputs([("OUT", args.out)], [("MODEL", args.model), ("VAE", args.vae)])
         check_suffix("OUT", args.out, (".safetensors",), "a safetensors checkpoint")
         if Path(args.out).exists() and not args.force:

@@ -162,10 +162,8 @@ class VAETrainee(nn.Module):
         self.cfg = cfg
         self.latent_dim = vae.cfg.latent_dim
         self.vae = with_weight_norm(vae)
-        if (
-            cfg.freeze_encoder
-        ):  # no gradient and no optimizer state for it (the loop takes requires_grad only)
-            self.vae.encoder.requires_grad_(False)
+        # frozen: no gradient, no graph and no optimizer state for it (the loop optimizes requires_grad only)
+        self.vae.encoder.requires_grad_(not cfg.freeze_encoder)
         self.stft = auraloss.freq.SumAndDifferenceSTFTLoss(
             fft_sizes=list(FFT_SIZES),
             hop_sizes=[n // 4 for n in FFT_SIZES],
@@ -186,8 +184,7 @@ class VAETrainee(nn.Module):
     def forward(
         self, audio: Tensor, eps: Tensor, warmup: Tensor, adversarial: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_encoder):
-            mean, logvar = self.vae.encoder(audio).split(self.latent_dim, dim=1)
+        mean, logvar = self.vae.encoder(audio).split(self.latent_dim, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         latents = mean + warmup * torch.exp(0.5 * logvar) * eps
         recon = self.vae.decoder(latents).float()
