@@ -47,7 +47,19 @@ def make_task(stage: str, **options) -> loop.Task:
 ADVERSARIAL = {"adv_weight": 0.1, "fm_weight": 5.0, "disc_filters": 8}
 
 
-VARIANTS = {"vae-adversarial": ADVERSARIAL, "vae-decoder-only": {**ADVERSARIAL, "freeze_encoder": True}}
+VARIANTS = {
+    "vae-adversarial": ADVERSARIAL,
+    "vae-decoder-only": {**ADVERSARIAL, "freeze_encoder": True},
+    # the stereo balance loss alone: a step on it lowers it
+    "vae-balance": {
+        "l1_weight": 0.0,
+        "stft_weight": 0.0,
+        "envelope_weight": 0.0,
+        "kl_weight": 0.0,
+        "balance_weight": 1.0,
+        "clip_frames": 16,  # 4-frame clips start silent: the batch needs sound for the balance to weigh
+    },
+}
 
 
 @pytest.mark.parametrize("stage", ["vae", *VARIANTS, "pretrain", "ect"])
@@ -60,8 +72,10 @@ def test_one_gradient_step_lowers_the_loss_on_a_fixed_batch(stage: str) -> None:
     params = [p for p in task.module.parameters() if p.requires_grad and id(p) not in critic]
     loss, metrics = task.module(**batch)
     assert torch.isfinite(loss) and all(torch.isfinite(m) for m in metrics.values())
-    if options:  # the generator's adversarial terms are in the loss
+    if options.get("adv_weight"):  # the generator's adversarial terms are in the loss
         assert metrics["adv"] > 0 and metrics["fm"] > 0
+    if options.get("balance_weight"):
+        assert metrics["balance"] > 0
     grads = torch.autograd.grad(loss, params)
     norm2 = sum(g.square().sum() for g in grads)
     # a step predicted (to first order) to remove 1% of the loss: small enough for curvature not to matter
@@ -446,6 +460,31 @@ def test_the_stft_loss_sees_a_minus_70_dbfs_bed_over_silence() -> None:
     hidden = VAETrainee(vae, TrainConfig("vae", stft_eps=1e-2)).stft(bed, silence)
     assert seen > 1.0
     assert hidden < 1e-3
+
+
+def test_balance_loss_is_the_energy_weighted_error_of_each_window_s_stereo_balance() -> None:
+    """b = (E_R - E_L) / (E_R + E_L) lies in [-1, 1]: a hard-left reference decoded hard right errs by 2, decoded
+    mono by 1, in every window; windows where the reference is silent weigh nothing."""
+    from soundreactor.training.vae import ENVELOPE_HOP, balance_loss
+
+    noise = torch.randn(1, 1, 16 * ENVELOPE_HOP, generator=torch.Generator().manual_seed(0)) * 0.1
+    silent = torch.zeros_like(noise)
+    left, right = torch.cat([noise, silent], 1), torch.cat([silent, noise], 1)
+    mono = torch.cat([noise, noise], 1) / 2**0.5
+    assert balance_loss(left, left) == 0
+    assert balance_loss(right, left) == pytest.approx(2.0, abs=1e-4)
+    assert balance_loss(mono, left) == pytest.approx(1.0, abs=1e-4)
+    # the reference sounds in the first half only: errors in the second half cost nothing
+    half = left.clone()
+    half[..., 8 * ENVELOPE_HOP :] = 0
+    wrong_where_silent = left.clone()
+    wrong_where_silent[..., 8 * ENVELOPE_HOP :] = right[..., 8 * ENVELOPE_HOP :]
+    assert balance_loss(wrong_where_silent, half) == 0
+    # a silent reference: 0 and a finite gradient, not 0/0
+    recon = right.clone().requires_grad_()
+    loss = balance_loss(recon, torch.zeros_like(left))
+    loss.backward()
+    assert loss == 0 and torch.isfinite(recon.grad).all()
 
 
 def test_resume_with_other_options_names_them_but_not_steps(tmp_path: Path) -> None:

@@ -43,6 +43,11 @@ class TrainConfig:
     l1_weight: float = option(1.0, "VAE: weight of the waveform L1")
     stft_weight: float = option(1.0, "VAE: weight of the multi-resolution STFT loss")
     envelope_weight: float = option(1.0, "VAE: weight of the log-RMS envelope L1 (keeps onsets and decays)")
+    balance_weight: float = option(
+        0.0,
+        "VAE: weight of the stereo balance loss (vae.balance_loss: each channel's share of the energy, where "
+        "the reference has sound); 0 = off",
+    )
     kl_weight: float = option(1e-5, "VAE: weight of the KL term after the warm-up (the official config's)")
     kl_warmup: int = option(
         500, "VAE: steps of bottleneck warm-up: no KL and no posterior noise for the first half, then a ramp"

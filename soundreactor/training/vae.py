@@ -1,4 +1,5 @@
-"""VAE training: the causal Oobleck VAE under weight norm, L1 + multi-resolution STFT + envelope + KL losses.
+"""VAE training: the causal Oobleck VAE under weight norm, L1 + multi-resolution STFT + envelope + stereo balance +
+KL losses.
 
 The module tree is the official one (stable-audio-tools / SonyResearch soundreactor_vae), trained under the same
 weight-norm parametrisation; `folded_vae` turns it back into the plain `weight` tensors our AudioVAE holds. The
@@ -136,6 +137,27 @@ def log_envelope(audio: Tensor) -> Tensor:
     return 0.5 * torch.log(power + ENVELOPE_FLOOR**2)
 
 
+def balance_loss(recon: Tensor, audio: Tensor) -> Tensor:
+    """Stereo balance error: |b(recon) - b(audio)| per envelope window, b = (E_R - E_L) / (E_R + E_L) in [-1, 1],
+    averaged with the reference's energy as weights (0 where the reference is silent throughout).
+
+    Why: the sum-and-difference STFT and the per-channel log envelope left the pan out. A VAE trained on them
+    decoded every impact at one balance (+0.15 +- 0.05 whatever the source's x; pan correlation 0.18 against the
+    truth's 0.91) with its channels anticorrelated (-0.75 against +0.5); flipping one output channel's sign even
+    lowered its STFT loss (0.60 against 0.62). This is the inter-channel level difference of spatial audio coding, bounded
+    (no log of silence) and weighted towards the windows a listener localises: the loud ones.
+    """
+    recon_energy = F.avg_pool1d(recon.float().square(), ENVELOPE_HOP, ENVELOPE_HOP)
+    energy = F.avg_pool1d(audio.float().square(), ENVELOPE_HOP, ENVELOPE_HOP)
+
+    def balance(e: Tensor) -> Tensor:  # the floor keeps windows quieter than -80 dBFS at balance 0
+        return (e[:, 1] - e[:, 0]) / (e[:, 1] + e[:, 0] + ENVELOPE_FLOOR**2)
+
+    weight = energy.sum(1)
+    error = (balance(recon_energy) - balance(energy)).abs()
+    return (weight * error).sum() / weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def warmup(cfg: TrainConfig, step: int) -> float:
     """Bottleneck warm-up factor in [0, 1]: 0 for the first half of cfg.kl_warmup steps, then a linear ramp.
 
@@ -191,11 +213,13 @@ class VAETrainee(nn.Module):
         l1 = (recon - audio).abs().mean()
         stft = self.stft(recon, audio)
         envelope = (log_envelope(recon) - log_envelope(audio)).abs().mean()
+        balance = balance_loss(recon, audio)
         kl = 0.5 * (mean.square() + logvar.exp() - logvar - 1).float().sum(1).mean()
         cfg = self.cfg
         loss = cfg.l1_weight * l1 + cfg.stft_weight * stft + cfg.envelope_weight * envelope
+        loss = loss + cfg.balance_weight * balance
         loss = loss + warmup * cfg.kl_weight * kl
-        metrics = {"l1": l1, "stft": stft, "envelope": envelope, "kl": kl}
+        metrics = {"l1": l1, "stft": stft, "envelope": envelope, "balance": balance, "kl": kl}
         if self.discriminator is None:
             return loss, metrics
         adv = fm = torch.zeros((), device=audio.device)
