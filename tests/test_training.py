@@ -289,6 +289,53 @@ def test_cli_names_a_missing_start(tmp_path: Path, capsys) -> None:
     assert "video folder not found" in capsys.readouterr().err
 
 
+def test_pretraining_takes_the_vae_from_vae_and_the_rest_from_init(tmp_path: Path, capsys) -> None:
+    """`train --stage pretrain --init MODEL --vae VAE`: the run starts from MODEL's transformer and head on VAE's
+    latents (the VAE is frozen in pretraining, so the written checkpoint holds VAE's exactly)."""
+    from soundreactor.cli import main
+
+    model, vae = tmp_path / "model.safetensors", tmp_path / "vae.safetensors"
+    tiny_model(seed=0).save(model)
+    tiny_model(seed=1).save(vae)
+    run = ["train", "--stage", "pretrain", "--init", str(model), "--vae", str(vae), "--steps", "1"]
+    options = ["--batch-size", "2", "--dataset-size", "2", "--clip-frames", "4", "--checkpoint-every", "1"]
+    assert main([*run, *options, "--out-dir", str(tmp_path / "run")]) == 0
+    _, written = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    _, start = load_checkpoint(model)
+    _, source = load_checkpoint(vae)
+    vae_keys = [k for k in written if k.startswith("vae.")]
+    assert vae_keys and all(torch.equal(written[k], source[k]) for k in vae_keys)
+    assert not torch.equal(start["vae.decoder.layers.0.weight"], source["vae.decoder.layers.0.weight"])
+    # one step from the start: the transformer moved by about lr per weight, not to another seed's weights
+    name = next(k for k in written if k.startswith("transformer.") and k.endswith("weight"))
+    assert (written[name] - start[name]).abs().max() < 0.01
+    capsys.readouterr()
+    assert (
+        main(["train", "--stage", "ect", "--init", str(model), "--vae", str(vae), "--out-dir", str(tmp_path)])
+        == 2
+    )
+    assert "--vae warm-starts pretraining" in capsys.readouterr().err
+    small = tmp_path / "small.safetensors"
+    init_model("small", seed=0)[0].save(small)
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "pretrain",
+                "--init",
+                str(model),
+                "--vae",
+                str(small),
+                "--out-dir",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "give a VAE trained for this model's preset" in capsys.readouterr().err
+
+
 def test_ect_gap_anneals_by_q_per_stage() -> None:
     from soundreactor.training.ect import ect_r
 

@@ -45,11 +45,24 @@ def _model(args: argparse.Namespace):
     from soundreactor.model.soundreactor import SoundReactor, init_model
 
     if args.init:
-        return SoundReactor.load(args.init)
+        model = SoundReactor.load(args.init)
+        if getattr(args, "vae", None):
+            _take_vae(model, SoundReactor.load(args.vae), args.vae)
+        return model
     if not args.preset:
         raise ValueError("give --init CHECKPOINT (a trained model) or --preset NAME (seeded random weights)")
     model, _ = init_model(args.preset, seed=args.model_seed)
     return model
+
+
+def _take_vae(model, source, path: str) -> None:
+    """Put `source`'s VAE into `model` in place (`train --vae`); the layouts must match."""
+    if source.config.vae != model.config.vae:
+        raise ValueError(
+            f"--vae {path} has VAE {source.config.vae}, the --init model {model.config.vae}: give a VAE trained "
+            "for this model's preset"
+        )
+    model.vae.load_state_dict(source.vae.state_dict())
 
 
 def _run(args: argparse.Namespace, stage: str) -> None:
@@ -59,6 +72,11 @@ def _run(args: argparse.Namespace, stage: str) -> None:
     from soundreactor.training.loop import default_device, train
 
     cfg = _config(args, stage)
+    if getattr(args, "vae", None) and (stage != "pretrain" or not args.init):
+        raise ValueError(
+            "--vae warm-starts pretraining on another VAE's latents: give it with --stage pretrain and --init "
+            "(a model whose transformer and head start the run); ECT must run on the VAE its pretraining saw"
+        )
     if cfg.freeze_encoder and not args.init:
         raise ValueError(
             "--freeze-encoder trains a decoder for the encoder of a trained VAE: give --init with its checkpoint "
@@ -121,6 +139,12 @@ def add_commands(sub: Any) -> None:
     ar.add_argument("--stage", choices=("pretrain", "ect"), required=True)
     ar.add_argument(
         "--grid-cache", metavar="DIR", help="keep the frozen DINOv2 grids of every clip on disk here (reused)"
+    )
+    ar.add_argument(
+        "--vae",
+        metavar="CHECKPOINT",
+        help="pretraining only: take the VAE from this checkpoint (train-vae's best.safetensors) and the rest "
+        "from --init: a model warm-started on a new VAE's latents (the latent scale is measured again)",
     )
     _common(ar)
     ar.set_defaults(func=cmd_train)
