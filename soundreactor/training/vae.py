@@ -155,7 +155,9 @@ def balance_loss(recon: Tensor, audio: Tensor) -> Tensor:
 
     weight = energy.sum(1)
     error = (balance(recon_energy) - balance(energy)).abs()
-    return (weight * error).sum() / weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    # a muted batch has no weight: floored at one -80 dBFS window, not at float32's tiny, whose inverse times a
+    # loss weight over 2 overflowed to inf in the backward pass (0 * inf = NaN: every muted step was skipped)
+    return (weight * error).sum() / weight.sum().clamp_min(ENVELOPE_FLOOR**2)
 
 
 def warmup(cfg: TrainConfig, step: int) -> float:
