@@ -26,7 +26,7 @@ PANELS = {
     "gap_ratio": ("impact gap / truth's", 2 / 3, True),
     "silence_dbfs": ("level in truth's silence (dBFS)", -70.0, False),
 }
-LOSSES = ("stft", "envelope", "adv", "fm", "disc")
+LOSSES = ("stft", "envelope", "balance", "adv", "fm", "disc")
 SMOOTH = 50  # steps per point of the loss curves
 
 
@@ -98,17 +98,25 @@ def main() -> None:
     )
     args = parser.parse_args()
     rows = read_jsonl(args.run_dir / "eval.jsonl")
-    log = read_jsonl(args.run_dir / "log.jsonl")
+    entries = read_jsonl(args.run_dir / "log.jsonl")
+    log = [r for r in entries if "skipped" not in r]  # a skipped step has no losses, only its suspects
+    skipped = len(entries) - len(log)
     given = json.loads(args.reference.read_text()) if args.reference else {}
     reference = given.get("reconstruction")
     best = max(rows, key=lambda r: r["quality"])
-    out = {"checkpoints": rows, "best": best, "reference": reference, "last_log": log[-1] if log else None}
+    out = {
+        "checkpoints": rows,
+        "best": best,
+        "reference": reference,
+        "last_log": log[-1] if log else None,
+        "skipped_steps": skipped,
+    }
     args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
     args.out_prefix.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     args.out_prefix.with_suffix(".md").write_text(table(rows, reference))
     plot(args.out_prefix.with_suffix(".png"), rows, log, reference, given.get("label", "previous VAE"))
     print(table(rows, reference))
-    print(f"best by quality: step {best['step']} ({best['quality']:.3f})")
+    print(f"best by quality: step {best['step']} ({best['quality']:.3f}); skipped steps: {skipped}")
 
 
 if __name__ == "__main__":
