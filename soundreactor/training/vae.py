@@ -141,11 +141,12 @@ def balance_loss(recon: Tensor, audio: Tensor) -> Tensor:
     """Stereo balance error: |b(recon) - b(audio)| per envelope window, b = (E_R - E_L) / (E_R + E_L) in [-1, 1],
     averaged with the reference's energy as weights (0 where the reference is silent throughout).
 
-    Why: the sum-and-difference STFT and the per-channel log envelope left the pan out. A VAE trained on them
-    decoded every impact at one balance (+0.15 +- 0.05 whatever the source's x; pan correlation 0.18 against the
-    truth's 0.91) with its channels anticorrelated (-0.75 against +0.5); flipping one output channel's sign even
-    lowered its STFT loss (0.60 against 0.62). This is the inter-channel level difference of spatial audio coding, bounded
-    (no log of silence) and weighted towards the windows a listener localises: the loud ones.
+    Why: the sum-and-difference STFT loss cannot tell L from R (|STFT(L-R)| is |STFT(R-L)|), and the adversarial
+    VAE it trained decoded every impact at one balance (+0.15 +- 0.05 whatever the source's x; pan correlation 0.18
+    against the truth's 0.94) with its channels anticorrelated (-0.75 against +0.5). This is the inter-channel
+    level difference of spatial audio coding, bounded (no log of silence) and weighted towards the windows a
+    listener localises: the loud ones. At weights 2 and 8 it did not teach the small preset's VAE to pan
+    (perf/results/vae_balance.md).
     """
     recon_energy = F.avg_pool1d(recon.float().square(), ENVELOPE_HOP, ENVELOPE_HOP)
     energy = F.avg_pool1d(audio.float().square(), ENVELOPE_HOP, ENVELOPE_HOP)
