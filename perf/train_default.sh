@@ -10,7 +10,7 @@
 # be changed through the environment (VAE_STEPS, PRE_STEPS, ECT_STEPS); on a GPU every stage uses it (bf16
 # autocast). Each stage's run directory keeps its log, loss plot and resumable state; the VAE's also keeps
 # eval.jsonl, its validation figures at every checkpoint, and best.safetensors, the checkpoint with the best
-# validation `quality` (stages.vae_quality), which the later stages take. perf/results/default_model.md has the
+# validation `quality` (stages.vae_quality), which the later stages take. perf/results/default_model_round2.md has the
 # wall times.
 set -euo pipefail
 RUN=${1:-runs/default}

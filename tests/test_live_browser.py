@@ -171,7 +171,7 @@ def assert_recording_is_run(record: Path, stream: str, out: Path, chunks_receive
     offline = soundfile.read(wav, dtype="float32", always_2d=True)[0].T
     assert offline.shape == live.shape
     # The server steps both slots as one batch of 2, `run` a batch of 1: fp32 rounding apart, nothing else; the
-    # rounding passes through the guided head steps (guidance_gain: the default model's 4.5 scales it by 8)
+    # rounding passes through the guided head steps (guidance_gain: |1 - w| + |w|, 3 at the default model's 2)
     model = SoundReactor.load(meta["checkpoint"])
     atol = rounding_atol(offline, module_depth(model)) * guidance_gain(model.config.sampler.guidance)
     np.testing.assert_allclose(live, offline, rtol=0, atol=atol)
