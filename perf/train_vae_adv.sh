@@ -23,7 +23,9 @@ STOP=()
 if [ -n "${STOP_AT:-}" ]; then
   # SIGTERM at STOP_AT, SIGKILL a minute later (a run here outlived its SIGTERM): the last checkpoint, written
   # atomically, is kept and the run resumes from it
-  STOP=(timeout --signal=TERM --kill-after=60 $(($(date -u -d "$STOP_AT" +%s) - $(date -u +%s))))
+  LEFT=$(($(date -u -d "$STOP_AT" +%s) - $(date -u +%s)))
+  [ "$LEFT" -gt 0 ] || { echo "STOP_AT=$STOP_AT (UTC, today) has passed: give a later time" >&2; exit 2; }
+  STOP=(timeout --signal=TERM --kill-after=60 "$LEFT")
 fi
 
 # adversarial weights are stable-audio-tools' Oobleck recipe (adv 0.1, feature matching 5, STFT 1, KL 1e-5);

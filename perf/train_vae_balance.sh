@@ -19,7 +19,9 @@ SR="${PYTHON:-python} -m soundreactor"
 
 STOP=()
 if [ -n "${STOP_AT:-}" ]; then
-  STOP=(timeout --signal=TERM --kill-after=60 $(($(date -u -d "$STOP_AT" +%s) - $(date -u +%s))))
+  LEFT=$(($(date -u -d "$STOP_AT" +%s) - $(date -u +%s)))
+  [ "$LEFT" -gt 0 ] || { echo "STOP_AT=$STOP_AT (UTC, today) has passed: give a later time" >&2; exit 2; }
+  STOP=(timeout --signal=TERM --kill-after=60 "$LEFT")
 fi
 
 "${STOP[@]}" $SR train-vae --init "$START" --out-dir "$RUN" --steps "$VAE_STEPS" \

@@ -309,31 +309,26 @@ def test_pretraining_takes_the_vae_from_vae_and_the_rest_from_init(tmp_path: Pat
     # one step from the start: the transformer moved by about lr per weight, not to another seed's weights
     name = next(k for k in written if k.startswith("transformer.") and k.endswith("weight"))
     assert (written[name] - start[name]).abs().max() < 0.01
+    # a resumed run must name the same VAE (another one, or none, is a changed option)
     capsys.readouterr()
-    assert (
-        main(["train", "--stage", "ect", "--init", str(model), "--vae", str(vae), "--out-dir", str(tmp_path)])
-        == 2
-    )
-    assert "--vae warm-starts pretraining" in capsys.readouterr().err
+    other = ["train", "--stage", "pretrain", "--init", str(model), "--vae", str(model), "--steps", "2"]
+    assert main([*other, *options, "--out-dir", str(tmp_path / "run")]) == 2
+    assert "vae differ" in capsys.readouterr().err
     small = tmp_path / "small.safetensors"
     init_model("small", seed=0)[0].save(small)
-    assert (
-        main(
-            [
-                "train",
-                "--stage",
-                "pretrain",
-                "--init",
-                str(model),
-                "--vae",
-                str(small),
-                "--out-dir",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
-    )
-    assert "give a VAE trained for this model's preset" in capsys.readouterr().err
+    refusals = {
+        "ect": (["--stage", "ect", "--init", str(model), "--vae", str(vae)], "ECT must run on the VAE"),
+        "no init": (["--stage", "pretrain", "--preset", "tiny", "--vae", str(vae)], "--vae needs --init"),
+        "missing": (
+            ["--stage", "pretrain", "--init", str(model), "--vae", str(tmp_path / "no")],
+            "not found: give",
+        ),
+        "layout": (["--stage", "pretrain", "--init", str(model), "--vae", str(small)], "another VAE layout"),
+    }
+    for case, (args, message) in refusals.items():
+        assert main(["train", *args, "--out-dir", str(tmp_path / case)]) == 2, case
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (case, err)
 
 
 def test_ect_gap_anneals_by_q_per_stage() -> None:
@@ -532,6 +527,8 @@ def test_balance_loss_is_the_energy_weighted_error_of_each_window_s_stereo_balan
     loss = balance_loss(recon, torch.zeros_like(left))
     (1e3 * loss).backward()
     assert loss == 0 and torch.isfinite(recon.grad).all()
+    with pytest.raises(ValueError, match=r"loss weights must be >= 0 .*: balance_weight"):
+        TrainConfig("vae", balance_weight=-1.0)
 
 
 def test_resume_with_other_options_names_them_but_not_steps(tmp_path: Path) -> None:

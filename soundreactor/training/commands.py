@@ -41,13 +41,13 @@ def _config(args: argparse.Namespace, stage: str) -> TrainConfig:
     return TrainConfig(stage=stage, **given)
 
 
-def _model(args: argparse.Namespace):
+def _model(args: argparse.Namespace, cfg: TrainConfig):
     from soundreactor.model.soundreactor import SoundReactor, init_model
 
     if args.init:
         model = SoundReactor.load(args.init)
-        if getattr(args, "vae", None):
-            _take_vae(model, SoundReactor.load(args.vae), args.vae)
+        if cfg.vae:
+            _take_vae(model, cfg.vae)
         return model
     if not args.preset:
         raise ValueError("give --init CHECKPOINT (a trained model) or --preset NAME (seeded random weights)")
@@ -55,14 +55,30 @@ def _model(args: argparse.Namespace):
     return model
 
 
-def _take_vae(model, source, path: str) -> None:
-    """Put `source`'s VAE into `model` in place (`train --vae`); the layouts must match."""
-    if source.config.vae != model.config.vae:
+def _take_vae(model, path: str) -> None:
+    """Put the VAE of checkpoint `path` into `model` in place (`train --vae`); the layouts must match."""
+    import dataclasses
+    from pathlib import Path
+
+    from soundreactor.model.soundreactor import SoundReactor
+
+    if not Path(path).is_file():
+        raise ValueError(f"--vae {path} not found: give a VAE checkpoint (train-vae's RUN/best.safetensors)")
+    source = SoundReactor.load(path)
+    ours, theirs = model.config.vae, source.config.vae
+    differ = [
+        f"{f.name} {getattr(theirs, f.name)} vs {getattr(ours, f.name)}"
+        for f in dataclasses.fields(ours)
+        if getattr(theirs, f.name) != getattr(ours, f.name)
+    ]
+    if differ:
         raise ValueError(
-            f"--vae {path} has VAE {source.config.vae}, the --init model {model.config.vae}: give a VAE trained "
-            "for this model's preset"
+            f"--vae {path} has another VAE layout than the --init model ({'; '.join(differ)}): give a VAE "
+            "trained for the model's preset"
         )
     model.vae.load_state_dict(source.vae.state_dict())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pretraining on the VAE of {path}, the transformer and head of the --init model")
 
 
 def _run(args: argparse.Namespace, stage: str) -> None:
@@ -72,11 +88,17 @@ def _run(args: argparse.Namespace, stage: str) -> None:
     from soundreactor.training.loop import default_device, train
 
     cfg = _config(args, stage)
-    if getattr(args, "vae", None) and (stage != "pretrain" or not args.init):
-        raise ValueError(
-            "--vae warm-starts pretraining on another VAE's latents: give it with --stage pretrain and --init "
-            "(a model whose transformer and head start the run); ECT must run on the VAE its pretraining saw"
+    if cfg.vae and stage != "pretrain":
+        why = (
+            "ECT must run on the VAE its checkpoint holds"
+            if stage == "ect"
+            else "train-vae trains --init's VAE"
         )
+        raise ValueError(
+            f"--vae warm-starts pretraining on a new VAE's latents (train --stage pretrain); {why}"
+        )
+    if cfg.vae and not args.init:
+        raise ValueError("--vae needs --init: the model whose transformer and head start the run")
     if cfg.freeze_encoder and not args.init:
         raise ValueError(
             "--freeze-encoder trains a decoder for the encoder of a trained VAE: give --init with its checkpoint "
@@ -85,7 +107,7 @@ def _run(args: argparse.Namespace, stage: str) -> None:
     device = default_device(args.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = _model(args)
+        model = _model(args, cfg)
         if stage == "vae":
             task = stages.vae_task(model, cfg)
         else:
@@ -139,12 +161,6 @@ def add_commands(sub: Any) -> None:
     ar.add_argument("--stage", choices=("pretrain", "ect"), required=True)
     ar.add_argument(
         "--grid-cache", metavar="DIR", help="keep the frozen DINOv2 grids of every clip on disk here (reused)"
-    )
-    ar.add_argument(
-        "--vae",
-        metavar="CHECKPOINT",
-        help="pretraining only: take the VAE from this checkpoint (train-vae's best.safetensors) and the rest "
-        "from --init: a model warm-started on a new VAE's latents (the latent scale is measured again)",
     )
     _common(ar)
     ar.set_defaults(func=cmd_train)

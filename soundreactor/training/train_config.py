@@ -79,6 +79,12 @@ class TrainConfig:
     disc_lr: float = option(1e-4, "VAE: the discriminator's AdamW learning rate")
     disc_betas: tuple[float, float] = (0.8, 0.99)
     disc_filters: int = option(32, "VAE: channels of the discriminator's conv stacks")
+    vae: str = option(
+        "",
+        "pretrain: take the VAE from this checkpoint (train-vae's best.safetensors) and the rest from --init: a "
+        "model warm-started on a new VAE's latents (the latent scale is measured again; a resumed run must give "
+        "the same one)",
+    )
     vae_init: str = option(
         "keep",
         "VAE: 'keep' the starting weights, or 'calibrated': redraw them (vae.calibrated_init; from scratch)",
@@ -112,6 +118,10 @@ class TrainConfig:
                 "freeze_encoder keeps the encoder a trained model reads, vae_init 'calibrated' redraws it: "
                 "give one of them"
             )
+        weights = ("l1_weight", "stft_weight", "envelope_weight", "balance_weight", "kl_weight", "adv_weight")
+        negative = [name for name in (*weights, "fm_weight") if getattr(self, name) < 0]
+        if negative:
+            raise ValueError(f"loss weights must be >= 0 (0 turns a term off): {', '.join(negative)}")
         if not 0.0 <= self.silence_share <= 1.0:
             raise ValueError(f"silence_share must be in [0, 1], got {self.silence_share}")
         if not 0.0 <= self.p_uncond <= 1.0:
