@@ -167,8 +167,9 @@ def markdown(results: dict, name: str) -> str:
         "",
         f"One stream of the default model (`soundreactor live --slots 1 --threads 1`, backends below), the page in headless Debian chromium (Playwright) with the camera faked from the demo "
         f"scene ({CAMERA_HW[1]}x{CAMERA_HW[0]} Y4M), {results['seconds']:g} s after the first audio.",
-        "Latency: from a frame grabbed on the page to its first audio sample played by the AudioWorklet, stamped "
-        "on the worklet's render clock (the speaker's output latency comes after it). Drift: median latency over "
+        "Latency: from a frame grabbed on the page to its first audio sample played by the AudioWorklet: the time "
+        "to its audio's arrival on the page's clock plus the wait in the worklet counted in audio frames (the "
+        "speaker's output latency comes after it). Drift: median latency over "
         "the first 5 s against the last 5 s.",
         f"Machine: {m['cpu']}, {m['cores']} cores, shared with other work: load average {results['load_before']} "
         f"before, {results['load_after']} after (1, 5, 15 min). Browser, server and model all on these 2 cores.",

@@ -7,7 +7,7 @@
 // oldest audio is dropped at once, and when the audio left at every chunk's arrival stayed above the cushion for a
 // half second (after a slow first frame or a burst) the excess is dropped. Every start after a gap or a drop
 // fades in.
-// Times are stamped here, on the render clock (currentFrame), because this is where audio is actually played.
+// Waits are counted here, on the render clock (currentFrame), because this is where audio is actually played.
 
 const RING_SECONDS = 2; // hard bound on buffered audio
 const FADE = 64; // samples of fade at gaps (1.3 ms at 48 kHz)
@@ -47,7 +47,7 @@ class LivePlayer extends AudioWorkletProcessor {
     const n = interleaved.length >> 1;
     if (this.written + n - this.read > this.capacity) this.skip(this.written + n - this.read - this.capacity);
     if (this.state === "playing") this.trim(this.written - this.read);
-    this.starts.push({ seq, at: this.written });
+    this.starts.push({ seq, at: this.written, arrived: currentFrame });
     for (let i = 0; i < n; i++) {
       const k = (this.written + i) % this.capacity;
       this.left[k] = interleaved[2 * i];
@@ -94,7 +94,6 @@ class LivePlayer extends AudioWorkletProcessor {
     if (++this.quanta % CLOCK_EVERY === 0) {
       this.port.postMessage({
         type: "clock",
-        frame: currentFrame,
         buffered: this.written - this.read,
         cushion: this.cushion,
         underruns: this.underruns,
@@ -115,7 +114,10 @@ class LivePlayer extends AudioWorkletProcessor {
     }
     while (this.starts.length && this.starts[0].at < this.read + count) {
       const start = this.starts.shift();
-      this.port.postMessage({ type: "played", seq: start.seq, frame: currentFrame + (start.at - this.read) });
+      // frames from the chunk's arrival here to its first sample played: the page adds the time before it
+      // arrived on its own clock, so no mapping between the two clocks is needed
+      const waited = Math.max(0, currentFrame + (start.at - this.read) - start.arrived);
+      this.port.postMessage({ type: "played", seq: start.seq, waited });
     }
     this.read += count;
     this.fadeIn = false;
