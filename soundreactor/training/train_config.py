@@ -118,8 +118,16 @@ class TrainConfig:
                 "freeze_encoder keeps the encoder a trained model reads, vae_init 'calibrated' redraws it: "
                 "give one of them"
             )
-        weights = ("l1_weight", "stft_weight", "envelope_weight", "balance_weight", "kl_weight", "adv_weight")
-        negative = [name for name in (*weights, "fm_weight") if getattr(self, name) < 0]
+        weights = (
+            "l1_weight",
+            "stft_weight",
+            "envelope_weight",
+            "balance_weight",
+            "kl_weight",
+            "adv_weight",
+            "fm_weight",
+        )
+        negative = [name for name in weights if getattr(self, name) < 0]
         if negative:
             raise ValueError(f"loss weights must be >= 0 (0 turns a term off): {', '.join(negative)}")
         if not 0.0 <= self.silence_share <= 1.0:

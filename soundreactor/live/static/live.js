@@ -359,9 +359,9 @@ function onChunk(s, buffer) {
   if (times) {
     s.inFlight.delete(seq);
     pushBounded(stats.roundTrips, performance.now() - times.sent, KEEP);
-    s.shownBySeq = s.shownBySeq || new Map();
-    s.shownBySeq.set(seq, { shown: times.shown, posted: performance.now() });
-    if (s.shownBySeq.size > KEEP) s.shownBySeq.delete(s.shownBySeq.keys().next().value); // never played
+    s.timesBySeq = s.timesBySeq || new Map();
+    s.timesBySeq.set(seq, { shown: times.shown, posted: performance.now() });
+    if (s.timesBySeq.size > KEEP) s.timesBySeq.delete(s.timesBySeq.keys().next().value); // never played
   }
   const last = stats.seqs.length ? stats.seqs[stats.seqs.length - 1] : -1;
   if (seq <= last) stats.outOfOrder++;
@@ -377,8 +377,8 @@ function onWorklet(s, msg) {
     stats.cushionMs = (msg.cushion * 1000) / s.audio.context.sampleRate;
     stats.trimmedMs = (msg.droppedSamples * 1000) / s.audio.context.sampleRate;
   } else if (msg.type === "played" || msg.type === "skipped") {
-    const times = s.shownBySeq && s.shownBySeq.get(msg.seq);
-    if (s.shownBySeq) s.shownBySeq.delete(msg.seq);
+    const times = s.timesBySeq && s.timesBySeq.get(msg.seq);
+    if (s.timesBySeq) s.timesBySeq.delete(msg.seq);
     if (msg.type === "skipped" || times === undefined) return; // trimmed away, or never sent from here
     // shown -> handed to the worklet on this page's clock, then the worklet's wait in audio frames. Mapping the
     // render clock onto performance.now() instead rested on that clock keeping real time: in one CI run of
