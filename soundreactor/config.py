@@ -94,6 +94,7 @@ class VideoTokenConfig:
 
 
 UPSAMPLING = ("transposed", "nearest")
+STEREO = ("channels", "pan")
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,21 @@ class VAEConfig:
     # (nearest-neighbour repeat, then a causal conv of kernel 2 x stride: Oobleck's use_nearest_upsample, free of
     # the transposed conv's per-phase gains that pulse at the latent rate); configs stored without it are transposed
     upsample: str = "transposed"
+    # stereo: "channels" (official: the decoder's last conv writes both) or "pan" (parametric stereo: the latent's
+    # last channel is each frame's pan, computed by the encoder from its input's channel energies, and the decoder
+    # pans its mono waveform by it: vae.pan_logits, vae.FramePan); configs stored without it are "channels"
+    stereo: str = "channels"
 
     def __post_init__(self) -> None:
         if self.upsample not in UPSAMPLING:
             raise ValueError(f"VAEConfig.upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
+        if self.stereo not in STEREO:
+            raise ValueError(f"VAEConfig.stereo must be one of {STEREO}, got {self.stereo!r}")
+        if self.stereo == "pan" and (self.audio_channels != 2 or self.latent_dim < 2):
+            raise ValueError(
+                "VAEConfig.stereo 'pan' pans into 2 channels by one of at least 2 latent channels; audio_channels "
+                f"is {self.audio_channels}, latent_dim {self.latent_dim}"
+            )
         for name in ("channels", "latent_dim", "audio_channels"):
             check_int(self, name)
         check_int(self, "sample_rate", 1, 1_000_000)

@@ -363,16 +363,18 @@ def test_a_folder_that_is_not_an_export_is_never_replaced(tmp_path):
     assert publish(staging, empty) is False and (empty / "manifest.json").read_text() == "a"
 
 
-def test_a_nearest_upsampling_decoder_exports_and_matches_torch(tmp_path):
-    """VAEConfig.upsample = "nearest" (Resize + Conv in ONNX) exports through `soundreactor export`, and its
-    decoder graph computes what the model's decoder.step computes."""
+@pytest.mark.parametrize("layout", [{"upsample": "nearest"}, {"stereo": "pan"}], ids=["nearest", "pan"])
+def test_another_decoder_layout_exports_and_matches_torch(tmp_path, layout):
+    """VAEConfig.upsample = "nearest" (Resize + Conv in ONNX) and stereo = "pan" (one more state: the previous
+    frame's pan logit) export through `soundreactor export`, and the decoder graph computes what the model's
+    decoder.step computes."""
     base = init_model("tiny", seed=4)[0]
-    model = SoundReactor(base.config.replace(vae={"upsample": "nearest"}))
+    model = SoundReactor(base.config.replace(vae=layout))
     torch.manual_seed(4)
     with torch.no_grad():
         for p in model.vae.decoder.parameters():
             p.add_(0.05 * torch.randn_like(p))  # non-trivial snakes and biases
-    checkpoint = tmp_path / "nearest.safetensors"
+    checkpoint = tmp_path / "layout.safetensors"
     model.save(checkpoint)
     out = tmp_path / "export"
     options = ["--nfe", str(NFE), "--slots", str(SLOTS), "--guidance", str(GUIDANCE)]

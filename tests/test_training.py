@@ -60,6 +60,8 @@ VARIANTS = {
         "clip_frames": 16,  # 4-frame clips start silent: the batch needs sound for the balance to weigh
     },
 }
+# parametric stereo (VAEConfig.stereo), made from the two-channel VAE by vae.panned_copy
+VARIANTS["vae-pan"] = {**ADVERSARIAL, "vae_stereo": "pan"}
 
 
 @pytest.mark.parametrize("stage", ["vae", *VARIANTS, "pretrain", "ect"])
@@ -291,16 +293,20 @@ def test_cli_names_a_missing_start(tmp_path: Path, capsys) -> None:
 
 def test_pretraining_takes_the_vae_from_vae_and_the_rest_from_init(tmp_path: Path, capsys) -> None:
     """`train --stage pretrain --init MODEL --vae VAE`: the run starts from MODEL's transformer and head on VAE's
-    latents (the VAE is frozen in pretraining, so the written checkpoint holds VAE's exactly)."""
+    latents (the VAE is frozen in pretraining, so the written checkpoint holds VAE's exactly), VAE's inner layout
+    included (here a panned decoder, VAEConfig.stereo, under a two-channel model)."""
     from soundreactor.cli import main
+    from soundreactor.model.soundreactor import SoundReactor
 
     model, vae = tmp_path / "model.safetensors", tmp_path / "vae.safetensors"
     tiny_model(seed=0).save(model)
-    tiny_model(seed=1).save(vae)
+    torch.manual_seed(1)
+    SoundReactor(tiny_model(seed=0).config.replace(vae={"stereo": "pan"})).save(vae)
     run = ["train", "--stage", "pretrain", "--init", str(model), "--vae", str(vae), "--steps", "1"]
     options = ["--batch-size", "2", "--dataset-size", "2", "--clip-frames", "4", "--checkpoint-every", "1"]
     assert main([*run, *options, "--out-dir", str(tmp_path / "run")]) == 0
-    _, written = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    written_config, written = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert written_config.vae.stereo == "pan"
     _, start = load_checkpoint(model)
     _, source = load_checkpoint(vae)
     vae_keys = [k for k in written if k.startswith("vae.")]
@@ -323,7 +329,10 @@ def test_pretraining_takes_the_vae_from_vae_and_the_rest_from_init(tmp_path: Pat
             ["--stage", "pretrain", "--init", str(model), "--vae", str(tmp_path / "no")],
             "not found: give",
         ),
-        "layout": (["--stage", "pretrain", "--init", str(model), "--vae", str(small)], "another VAE layout"),
+        "layout": (
+            ["--stage", "pretrain", "--init", str(model), "--vae", str(small)],
+            "does not fit the --init model (latent_dim 16 vs 64)",
+        ),
     }
     for case, (args, message) in refusals.items():
         assert main(["train", *args, "--out-dir", str(tmp_path / case)]) == 2, case
@@ -389,10 +398,12 @@ def test_vae_quality_is_zero_for_a_silent_or_steady_decoder_and_one_for_the_trut
     )
 
 
-def test_adversarial_vae_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stereo", ["", "pan"])
+def test_adversarial_vae_resume_equals_an_uninterrupted_run(tmp_path: Path, stereo: str) -> None:
     """With the discriminator switched on at step 1 and silence batches: the discriminator's weights and its
-    optimizer come back from the checkpoint's state.pt, so a crash between checkpoints resumes to the same bits."""
-    options = {**ADVERSARIAL, "adv_start": 1, "silence_share": 0.3}
+    optimizer come back from the checkpoint's state.pt, so a crash between checkpoints resumes to the same bits.
+    With vae_stereo "pan" the start is made panned again on resuming, then overwritten by the checkpoint's."""
+    options = {**ADVERSARIAL, "adv_start": 1, "silence_share": 0.3, "vae_stereo": stereo}
     steps = 5
 
     def task():
@@ -502,6 +513,50 @@ def test_the_stft_loss_sees_a_minus_70_dbfs_bed_over_silence() -> None:
     hidden = VAETrainee(vae, TrainConfig("vae", stft_eps=1e-2)).stft(bed, silence)
     assert seen > 1.0
     assert hidden < 1e-3
+
+
+def test_panned_copy_gives_up_the_least_varying_channel_and_keeps_every_other_weight() -> None:
+    """panned_copy: the channel whose means vary least on the audio gives way, the last channel moves into its
+    place and the last becomes the pan. Every weight is kept but for that: the encoder's last conv rows, the
+    decoder's first conv columns (the pan's zero), its last conv the left channel's times sqrt(2). So with the pan
+    at 0 (the centre) and the given-up channel at 0 the left output is the two-channel decoder's."""
+    from soundreactor.training.vae import panned_copy
+
+    vae = tiny_model(0).vae.eval()
+    latent = vae.cfg.latent_dim
+    encoder_last = f"encoder.layers.{len(vae.encoder.layers) - 1}"
+    quiet = 5
+    with torch.no_grad():  # channel 5's mean: a constant, so it varies least
+        for name in ("weight", "bias"):
+            getattr(vae.encoder.layers[-1], name)[quiet].zero_()
+    audio = torch.randn(2, 2, 4 * 1600, generator=torch.Generator().manual_seed(0)) * 0.1
+    panned, dropped = panned_copy(vae, audio)
+    assert dropped == quiet and panned.cfg.stereo == "pan" and not panned.training
+    order = [*range(quiet), latent - 1, *range(quiet + 1, latent - 1)]
+    before, after = vae.state_dict(), panned.state_dict()
+    decoder_last = f"decoder.layers.{len(vae.decoder.layers) - 1}.weight"
+    for key, value in before.items():
+        if key.startswith(encoder_last):
+            value = value[order + [latent + c for c in order]]
+        elif key == decoder_last:
+            value = value[:1] * 2**0.5
+        elif key == "decoder.layers.0.weight":
+            value = torch.cat([value[:, order], torch.zeros_like(value[:, :1])], dim=1)
+        torch.testing.assert_close(after[key], value, atol=0, rtol=0, msg=key)
+    with torch.no_grad():
+        latents = panned.encode(audio)
+        torch.testing.assert_close(latents[:, :-1], vae.encode(audio)[:, order], atol=0, rtol=0)
+        z = torch.randn(1, latent, 3, generator=torch.Generator().manual_seed(0))
+        z[:, quiet] = 0
+        two = vae.decode(z)
+        mine = z[:, [*order, quiet]]  # the pan (last) at 0
+        one = panned.decode(mine)
+    torch.testing.assert_close(one[:, 0], two[:, 0], atol=1e-6 * two.abs().max().item(), rtol=0)
+    torch.testing.assert_close(one[:, 1], one[:, 0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="this one is 'pan'"):
+        panned_copy(panned, audio)
+    with pytest.raises(ValueError, match="vae_stereo must be 'pan' or ''"):
+        TrainConfig("vae", vae_stereo="mono")
 
 
 def test_balance_loss_is_the_energy_weighted_error_of_each_window_s_stereo_balance() -> None:

@@ -415,3 +415,79 @@ def test_nearest_upsampling_decodes_a_constant_latent_without_a_frame_rate_pulse
     spread = (nearest.amax(-1) - nearest.amin(-1)).max()
     assert spread <= rounding_atol(nearest, depth(nearest_vae.decoder))
     assert (transposed.amax(-1) - transposed.amin(-1)).max() > 0.1 * transposed.abs().max()
+
+
+@pytest.fixture(scope="module")
+def panned_vae(tiny_vae) -> AudioVAE:
+    """The tiny VAE made parametric-stereo (VAEConfig.stereo "pan") by panned_copy's surgery: its snakes."""
+    from soundreactor.training.vae import panned_copy
+
+    audio = torch.randn(2, 2, 4 * HOP, generator=torch.Generator().manual_seed(1)) * 0.1
+    return panned_copy(tiny_vae, audio)[0].eval()
+
+
+def test_a_panned_decoder_streams_as_offline_with_one_more_state(tiny_vae, panned_vae):
+    shapes = panned_vae.decoder.state_shapes(3)
+    assert shapes[:-1] == tiny_vae.decoder.state_shapes(3) and shapes[-1] == (3, 1, 1)
+    assert panned_vae.state_dict().keys() == tiny_vae.state_dict().keys()  # no weights of its own
+    torch.manual_seed(7)
+    z = torch.randn(2, 64, 8)
+    with torch.no_grad():
+        offline = panned_vae.decode(z)
+    assert offline.shape == (2, 2, 8 * HOP) and offline.abs().max() > 0.01
+    atol = rounding_atol(offline, depth(panned_vae.decoder))
+    torch.testing.assert_close(streamed(panned_vae.decoder, z), offline, atol=atol, rtol=0)
+
+
+def test_a_panned_decoder_places_its_mono_output_by_the_last_latent_channel(panned_vae):
+    """Left = mono cos(a), right = mono sin(a), a = pi/4 (1 + tanh(l)), where l goes linearly from the previous
+    frame's last latent channel (0 before the first) to this frame's over PAN_RAMP samples, then holds; computed
+    here in float64, the mono waveform taken from the layers before the pan."""
+    from soundreactor.model.vae import PAN_RAMP
+
+    torch.manual_seed(8)
+    z = torch.randn(1, 64, 5)
+    with torch.no_grad():
+        audio = panned_vae.decode(z).double()
+        mono = panned_vae.decoder.layers(z).double()[0, 0]
+    logits = z[0, -1].double()
+    previous = torch.cat([torch.zeros(1, dtype=torch.float64), logits[:-1]])
+    ramp = (torch.arange(1, HOP + 1, dtype=torch.float64) / PAN_RAMP).clamp(max=1)
+    per_sample = (previous[:, None] + (logits - previous)[:, None] * ramp).flatten()
+    angle = np.pi / 4 * (1 + torch.tanh(per_sample))
+    atol = rounding_atol(audio, 8, torch.float32)
+    torch.testing.assert_close(audio[0, 0], mono * torch.cos(angle), atol=atol, rtol=0)
+    torch.testing.assert_close(audio[0, 1], mono * torch.sin(angle), atol=atol, rtol=0)
+    assert (logits.max() - logits.min()) > 0.5  # the frames pan differently: the ramp is exercised
+    # equal power: the channels' energies sum to the mono waveform's at every sample
+    energy_atol = 2 * atol * float(mono.abs().max())  # d(m^2) = 2 m dm
+    torch.testing.assert_close(audio[0].square().sum(0), mono.square(), atol=energy_atol, rtol=0)
+
+
+def test_the_panned_encoder_s_last_channel_is_each_frame_s_pan(panned_vae):
+    """A noise source panned by gains cos(x pi/2), sin(x pi/2) (the synthetic scenes' law) has pan logit
+    atanh(2x - 1), whatever its level; a silent frame is centred (0); the channel has no posterior noise."""
+    from soundreactor.model.vae import LOGVAR_DETERMINISTIC
+
+    xs = torch.tensor([0.1, 0.3, 0.5, 0.8, 0.95, 0.5])
+    levels = torch.tensor([0.3, 0.01, 0.1, 0.5, 0.2, 0.0])  # the last frame silent
+    noise = torch.randn(len(xs), HOP, generator=torch.Generator().manual_seed(3))
+    mono = (levels[:, None] * noise).flatten()
+    gains = torch.stack([torch.cos(xs * np.pi / 2), torch.sin(xs * np.pi / 2)]).repeat_interleave(HOP, dim=1)
+    audio = (gains * mono)[None]
+    with torch.no_grad():
+        out = panned_vae.encoder(audio)
+    expected = torch.atanh(2 * xs.double() - 1)
+    expected[-1] = 0.0
+    torch.testing.assert_close(out[0, 63].double(), expected, atol=1e-4, rtol=0)
+    assert (out[0, 127] == LOGVAR_DETERMINISTIC).all()
+    assert out.shape == (1, 128, len(xs)) and out[0, :63].std() > 0  # the learned channels are there too
+
+
+def test_stereo_must_be_channels_or_pan_with_two_channels():
+    with pytest.raises(ValueError, match=r"VAEConfig\.stereo must be one of"):
+        dataclasses.replace(tiny().vae, stereo="mid-side")
+    with pytest.raises(ValueError, match="pans into 2 channels"):
+        dataclasses.replace(tiny().vae, stereo="pan", audio_channels=1)
+    with pytest.raises(ValueError, match="at least 2 latent channels"):
+        dataclasses.replace(tiny().vae, stereo="pan", latent_dim=1)

@@ -13,6 +13,7 @@ value-dependent branches), which is what ONNX export and CUDA-graph capture need
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +148,69 @@ class CausalNearestUpsampleConv1d(CausalConv1d):
         return super().stream(self._repeat(x), states, new_states)
 
 
+PAN_FLOOR = 1600 * 1e-8  # frame energy below which a frame counts as centred: 1600 samples at -80 dBFS RMS
+PAN_LOGIT_MAX = 3.8  # |logit| bound: tanh(3.8) = 0.999, a gain ratio of about 1:45 (-33 dB)
+PAN_RAMP = (
+    160  # samples over which the gains move from the previous frame's pan to this one's (3.3 ms at 48 kHz)
+)
+LOGVAR_DETERMINISTIC = (
+    -30.0
+)  # the bottleneck's lowest log-variance: the pan channel carries no posterior noise
+
+
+def pan_logits(audio: Tensor, hop: int) -> Tensor:
+    """Audio [B, 2, N*hop] -> each frame's pan logit [B, 1, N]: the l with which FramePan's equal-power gains
+    cos(a), sin(a), a = pi/4 (1 + tanh(l)), give the frame's energy balance b = (E_R - E_L) / (E_R + E_L).
+
+    sin^2(a) - cos^2(a) = sin(pi/2 tanh(l)), so l = atanh(2/pi asin(b)); a source panned by gains cos(x pi/2),
+    sin(x pi/2) gives l = atanh(2x - 1). Frames quieter than PAN_FLOOR are centred (l = 0)."""
+    energy = audio.float().square().unflatten(-1, (-1, hop)).sum(-1)  # [B, 2, N]
+    balance = (energy[:, 1] - energy[:, 0]) / (energy.sum(1) + PAN_FLOOR)
+    tanh_l = (2 / torch.pi) * torch.asin(balance.clamp(-1.0, 1.0))
+    bound = math.tanh(PAN_LOGIT_MAX)
+    return torch.atanh(tanh_l.clamp(-bound, bound))[:, None].to(audio.dtype)
+
+
+class FramePan(nn.Module):
+    """Parametric stereo (VAEConfig.stereo "pan"): the decoder's mono waveform, equal-power panned by the latent's
+    last channel, each frame's pan logit (`pan_logits`, which the encoder computes from its input), reached from the
+    previous frame's over the frame's first PAN_RAMP samples.
+
+    Why: the inter-channel level difference of parametric stereo coding. A decoder of two free channels has to
+    carry a gain ratio through every upsampling stage, and ours did not learn it (issue 20: one balance for every
+    impact, its channels anticorrelated); a learned read-out of the pan did not start either (its weights shrank).
+    The zero state (logit 0, the centre) is the offline zero padding; the ramp keeps the gains continuous at frame
+    boundaries (a step in gain on a ringing tone is a click); it is short because impacts start at frame starts
+    and their attack carries most of their energy.
+    """
+
+    def __init__(self, hop: int) -> None:
+        super().__init__()
+        ramp = (torch.arange(1, hop + 1) / min(PAN_RAMP, hop)).clamp(max=1.0)
+        self.register_buffer("ramp", ramp, persistent=False)
+
+    def state_shape(self, batch: int) -> tuple[int, int, int]:
+        return (batch, 1, 1)  # the previous frame's logit
+
+    def _pan(self, mono: Tensor, logit: Tensor, previous: Tensor) -> Tensor:
+        """mono [B, 1, N*hop], logits [B, 1, N] of each frame and of the one before it -> [B, 2, N*hop]."""
+        ramp = self.ramp.to(mono.dtype)
+        logits = (previous[..., None] + (logit - previous)[..., None] * ramp).flatten(-2)
+        angle = (torch.pi / 4) * (1 + torch.tanh(logits))
+        return torch.cat((mono * torch.cos(angle), mono * torch.sin(angle)), dim=1)
+
+    def forward(self, mono: Tensor, latents: Tensor) -> Tensor:
+        logit = latents[:, -1:]
+        return self._pan(mono, logit, F.pad(logit, (1, 0))[..., :-1])
+
+    def stream(
+        self, mono: Tensor, latent: Tensor, states: Iterator[Tensor], new_states: list[Tensor]
+    ) -> Tensor:
+        logit = latent[:, -1:]
+        new_states.append(logit)
+        return self._pan(mono, logit, next(states))
+
+
 class Stage(nn.Module):
     """A `layers` Sequential run in order, offline or streaming (the official nesting of every block)."""
 
@@ -205,23 +269,43 @@ def _widths(cfg: VAEConfig) -> list[int]:
 
 
 class OobleckEncoder(Stage):
-    """Audio [B, 2, T] -> mean and log-variance [B, 2*latent, T/hop]."""
+    """Audio [B, 2, T] -> mean and log-variance [B, 2*latent, T/hop].
+
+    VAEConfig.stereo "pan": the convolutions give latent - 1 channels of each, and the last latent channel is
+    each frame's pan logit (`pan_logits`) with the bottleneck's lowest log-variance: no posterior noise.
+    """
 
     def __init__(self, cfg: VAEConfig):
         widths = _widths(cfg)
+        self.learned = cfg.latent_dim - (cfg.stereo == "pan")
         super().__init__(
             CausalConv1d(cfg.audio_channels, widths[0], 7),
             *(encoder_block(widths[i], widths[i + 1], s) for i, s in enumerate(cfg.strides)),
             SnakeBeta(widths[-1]),
-            CausalConv1d(widths[-1], 2 * cfg.latent_dim, 3),
+            CausalConv1d(widths[-1], 2 * self.learned, 3),
         )
+        self.hop = cfg.hop
+        self.panned = cfg.stereo == "pan"
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.layers(x)
+        if not self.panned:
+            return out
+        mean, logvar = out.split(self.learned, dim=1)
+        pan = pan_logits(x, self.hop)
+        return torch.cat((mean, pan, logvar, torch.full_like(pan, LOGVAR_DETERMINISTIC)), dim=1)
 
 
 class OobleckDecoder(Stage):
-    """Latents [B, latent, N] -> audio [B, 2, N*hop]; `step` decodes one latent frame from explicit state."""
+    """Latents [B, latent, N] -> audio [B, 2, N*hop]; `step` decodes one latent frame from explicit state.
+
+    VAEConfig.stereo "channels" (official): the last conv writes both channels; "pan": it writes one, which
+    `pan` (FramePan) places in the stereo field by the latent's last channel.
+    """
 
     def __init__(self, cfg: VAEConfig):
         widths = _widths(cfg)
+        panned = cfg.stereo == "pan"
         super().__init__(
             CausalConv1d(cfg.latent_dim, widths[-1], 7),
             *(
@@ -229,15 +313,27 @@ class OobleckDecoder(Stage):
                 for i in reversed(range(len(cfg.strides)))
             ),
             SnakeBeta(widths[0]),
-            CausalConv1d(widths[0], cfg.audio_channels, 7, bias=False),
+            CausalConv1d(widths[0], 1 if panned else cfg.audio_channels, 7, bias=False),
         )
+        self.pan = FramePan(cfg.hop) if panned else None
         self.latent_dim = cfg.latent_dim
         self.n_states = len(self.state_shapes(1))
 
+    def forward(self, x: Tensor) -> Tensor:
+        audio = self.layers(x)
+        return audio if self.pan is None else self.pan(audio, x)
+
+    def stream(self, x: Tensor, states: Iterator[Tensor], new_states: list[Tensor]) -> Tensor:
+        audio = super().stream(x, states, new_states)
+        return audio if self.pan is None else self.pan.stream(audio, x, states, new_states)
+
     def state_shapes(self, batch: int) -> list[tuple[int, int, int]]:
-        """One shape per conv with input history and per transposed conv with a tail, in `step` order."""
-        convs = (m for m in self.modules() if isinstance(m, CausalConv1d | CausalConvTranspose1d))
-        shapes = (m.state_shape(batch) for m in convs)
+        """One shape per conv with input history, per transposed conv with a tail and for the pan, in `step`
+        order (module order: the layers, then the pan)."""
+        stateful = (
+            m for m in self.modules() if isinstance(m, CausalConv1d | CausalConvTranspose1d | FramePan)
+        )
+        shapes = (m.state_shape(batch) for m in stateful)
         return [s for s in shapes if s is not None]
 
     def state_size(self) -> int:

@@ -56,8 +56,9 @@ def _model(args: argparse.Namespace, cfg: TrainConfig):
 
 
 def _take_vae(model, path: str) -> None:
-    """Put the VAE of checkpoint `path` into `model` in place (`train --vae`); the layouts must match."""
-    import dataclasses
+    """Put the VAE of checkpoint `path` into `model` in place (`train --vae`). What the transformer, head and
+    runtime read of a VAE must match (latent size, samples per frame, rate, channels); its inner layout (widths,
+    upsampling, stereo) comes with it."""
     from pathlib import Path
 
     from soundreactor.model.soundreactor import SoundReactor
@@ -67,16 +68,17 @@ def _take_vae(model, path: str) -> None:
     source = SoundReactor.load(path)
     ours, theirs = model.config.vae, source.config.vae
     differ = [
-        f"{f.name} {getattr(theirs, f.name)} vs {getattr(ours, f.name)}"
-        for f in dataclasses.fields(ours)
-        if getattr(theirs, f.name) != getattr(ours, f.name)
+        f"{name} {getattr(theirs, name)} vs {getattr(ours, name)}"
+        for name in ("latent_dim", "hop", "sample_rate", "audio_channels")
+        if getattr(theirs, name) != getattr(ours, name)
     ]
     if differ:
         raise ValueError(
-            f"--vae {path} has another VAE layout than the --init model ({'; '.join(differ)}): give a VAE "
-            "trained for the model's preset"
+            f"--vae {path} does not fit the --init model ({'; '.join(differ)}): give a VAE trained for the "
+            "model's preset"
         )
-    model.vae.load_state_dict(source.vae.state_dict())
+    model.vae = source.vae
+    model.config = model.config.replace(vae=theirs)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"pretraining on the VAE of {path}, the transformer and head of the --init model")
 

@@ -25,7 +25,7 @@ from soundreactor.training.evaluate import VALIDATION_SEED, evaluate_vae
 from soundreactor.training.loop import Critic, Task, step_generator
 from soundreactor.training.synthetic import SyntheticAV
 from soundreactor.training.train_config import TrainConfig
-from soundreactor.training.vae import VAETrainee, calibrated_init, folded_state, warmup
+from soundreactor.training.vae import VAETrainee, calibrated_init, folded_state, panned_copy, warmup
 
 GRID_MEMORY_BYTES = 1 << 30  # Features keeps every clip's grids in memory when the whole set's fit in this
 LATENT_SCALE_CLIPS = 32  # clips the latent standard deviation is measured on
@@ -124,13 +124,24 @@ def freeze(*modules: nn.Module) -> None:
         m.requires_grad_(False).eval()
 
 
+def _init_audio(cfg: TrainConfig, model: SoundReactor) -> Tensor:
+    """[VAE_INIT_CLIPS, 2, T] training audio that initialisations measure on."""
+    clips = dataset(cfg, model, VAE_INIT_FRAMES)
+    return torch.from_numpy(np.stack([clips[i].audio for i in range(min(VAE_INIT_CLIPS, len(clips)))]))
+
+
 def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
+    if cfg.vae_stereo and cfg.vae_stereo != model.config.vae.stereo:
+        model.vae, dropped = panned_copy(model.vae, _init_audio(cfg, model))
+        model.config = model.config.replace(vae={"stereo": cfg.vae_stereo})
+        print(
+            f"parametric stereo: latent channel {dropped} (the least varying) gave way to the pan",
+            file=sys.stderr,
+        )
     frames = clip_frames(cfg, model)
     clips = dataset(cfg, model, frames)
     if cfg.vae_init == "calibrated":
-        calibration = dataset(cfg, model, VAE_INIT_FRAMES)
-        audio = [calibration[i].audio for i in range(min(VAE_INIT_CLIPS, len(calibration)))]
-        calibrated_init(model.vae, torch.from_numpy(np.stack(audio)), cfg.seed)
+        calibrated_init(model.vae, _init_audio(cfg, model), cfg.seed)
     trainee = VAETrainee(model.vae, cfg)
     latent_dim, hop = model.config.vae.latent_dim, model.config.vae.hop
     if cfg.crop_frames > frames:

@@ -85,6 +85,11 @@ class TrainConfig:
         "model warm-started on a new VAE's latents (the latent scale is measured again; a resumed run must give "
         "the same one)",
     )
+    vae_stereo: str = option(
+        "",
+        "VAE: 'pan' turns a two-channel decoder into a mono one panned per latent frame (VAEConfig.stereo; "
+        "vae.panned_copy: every other weight kept); '' keeps the starting VAE's",
+    )
     vae_init: str = option(
         "keep",
         "VAE: 'keep' the starting weights, or 'calibrated': redraw them (vae.calibrated_init; from scratch)",
@@ -113,6 +118,8 @@ class TrainConfig:
             raise ValueError("steps, batch_size, checkpoint_every and max_skipped_steps must be >= 1")
         if self.vae_init not in ("keep", "calibrated"):
             raise ValueError(f"vae_init must be 'keep' or 'calibrated', got {self.vae_init!r}")
+        if self.vae_stereo not in ("", "pan"):
+            raise ValueError(f"vae_stereo must be 'pan' or '' (keep the VAE's), got {self.vae_stereo!r}")
         if self.freeze_encoder and self.vae_init == "calibrated":
             raise ValueError(
                 "freeze_encoder keeps the encoder a trained model reads, vae_init 'calibrated' redraws it: "
