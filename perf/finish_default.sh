@@ -5,11 +5,12 @@
 #
 #   bash perf/finish_default.sh RUN_DIR     # reads RUN_DIR/pretrain/model.safetensors; resumes like every stage
 #
-# Environment: ECT_STEPS (2000), EVAL_SCENES (8), NPROC (2 DDP ranks), PUBLISH, PYTHON.
+# Environment: ECT_STEPS (2000), EVAL_SCENES (8), DATASET_SIZE (2000), NPROC (2 DDP ranks), PUBLISH, PYTHON.
 set -euo pipefail
 RUN=${1:?give the run directory whose pretrain/model.safetensors to finish}
 ECT_STEPS=${ECT_STEPS:-2000}
 EVAL_SCENES=${EVAL_SCENES:-8}
+export DATASET_SIZE=${DATASET_SIZE:-2000}  # synthetic training scenes (grids cached in RUN_DIR/grids)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=${PYTHON:-python}
 
@@ -17,7 +18,7 @@ PY=${PYTHON:-python}
 # step times
 $PY -m torch.distributed.run --nproc-per-node "${NPROC:-2}" -m soundreactor train --stage ect \
   --init "$RUN/pretrain/model.safetensors" --out-dir "$RUN/ect" --grid-cache "$RUN/grids" --steps "$ECT_STEPS" \
-  --batch-size 8 --lr 3e-4 --ema-decay 0.995 --dataset-size 2000 --ect-stage-steps $((ECT_STEPS / 4)) \
+  --batch-size 8 --lr 3e-4 --ema-decay 0.995 --dataset-size "$DATASET_SIZE" --ect-stage-steps $((ECT_STEPS / 4)) \
   --checkpoint-every 200
 # the guidance weight, on validation scenes: the highest `quality`
 GUIDANCE=$($PY "$(dirname "$0")/select_default.py" "$RUN/select_guidance" "$RUN/ect/model.safetensors" \
