@@ -333,6 +333,10 @@ def test_pretraining_takes_the_vae_from_vae_and_the_rest_from_init(tmp_path: Pat
             ["--stage", "pretrain", "--init", str(model), "--vae", str(small)],
             "does not fit the --init model (latent_dim 16 vs 64)",
         ),
+        "stereo in pretraining": (
+            ["--stage", "pretrain", "--init", str(model), "--vae-stereo", "pan"],
+            "--vae-stereo converts a VAE in train-vae",
+        ),
     }
     for case, (args, message) in refusals.items():
         assert main(["train", *args, "--out-dir", str(tmp_path / case)]) == 2, case
@@ -555,8 +559,8 @@ def test_panned_copy_gives_up_the_least_varying_channel_and_keeps_every_other_we
     torch.testing.assert_close(one[:, 1], one[:, 0], atol=0, rtol=0)
     with pytest.raises(ValueError, match="this one is 'pan'"):
         panned_copy(panned, audio)
-    with pytest.raises(ValueError, match="vae_stereo must be 'pan' or ''"):
-        TrainConfig("vae", vae_stereo="mono")
+    with pytest.raises(ValueError, match=r"vae_stereo must be 'pan' .* not turned back into two channels"):
+        TrainConfig("vae", vae_stereo="channels")
 
 
 def test_balance_loss_is_the_energy_weighted_error_of_each_window_s_stereo_balance() -> None:
@@ -716,6 +720,7 @@ def test_a_decoder_only_run_keeps_the_encoder_and_swaps_into_a_model(tmp_path: P
         ("out exists", "exists; give --force"),
         ("out not safetensors", "name it out.safetensors"),
         ("out folder missing", "does not exist"),
+        ("panned VAE", "(stereo pan vs channels): its decoder cannot be swapped in; a model takes"),
     ],
 )
 def test_swap_decoder_refuses_bad_paths_with_one_error_line(tmp_path: Path, capsys, case: str, match: str):
@@ -723,7 +728,10 @@ def test_swap_decoder_refuses_bad_paths_with_one_error_line(tmp_path: Path, caps
 
     model, vae = _saved(tiny_model(0), tmp_path / "model.safetensors"), tmp_path / "run" / "best.safetensors"
     vae.parent.mkdir()
-    _saved(tiny_model(1 if case == "foreign encoder" else 0), vae)
+    source = tiny_model(1 if case == "foreign encoder" else 0)
+    if case == "panned VAE":  # another VAE layout (VAEConfig.stereo): a model pretrains on it instead
+        source = SoundReactor(source.config.replace(vae={"stereo": "pan"}))
+    _saved(source, vae)
     (tmp_path / "exists.safetensors").write_bytes(b"keep")
     out = {
         "out is the model": model,

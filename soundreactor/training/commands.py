@@ -99,6 +99,10 @@ def _run(args: argparse.Namespace, stage: str) -> None:
         raise ValueError(
             f"--vae warm-starts pretraining on a new VAE's latents (train --stage pretrain); {why}"
         )
+    if cfg.vae_stereo and stage != "vae":
+        raise ValueError(
+            "--vae-stereo converts a VAE in train-vae; pretraining takes a converted one with --vae VAE"
+        )
     if cfg.vae and not args.init:
         raise ValueError("--vae needs --init: the model whose transformer and head start the run")
     if cfg.freeze_encoder and not args.init:

@@ -131,11 +131,16 @@ def _init_audio(cfg: TrainConfig, model: SoundReactor) -> Tensor:
 
 
 def vae_task(model: SoundReactor, cfg: TrainConfig) -> Task:
-    if cfg.vae_stereo and cfg.vae_stereo != model.config.vae.stereo:
+    if cfg.vae_stereo and cfg.vae_stereo == model.config.vae.stereo:
+        print(f"--vae-stereo {cfg.vae_stereo}: the VAE already is; nothing converted", file=sys.stderr)
+    elif cfg.vae_stereo:
         model.vae, dropped = panned_copy(model.vae, _init_audio(cfg, model))
         model.config = model.config.replace(vae={"stereo": cfg.vae_stereo})
+        last = model.config.vae.latent_dim - 1
+        moved = f"; channel {last} moved into its place" if dropped != last else ""
         print(
-            f"parametric stereo: latent channel {dropped} (the least varying) gave way to the pan",
+            f"parametric stereo: latent channel {dropped} (the least varying) gave way{moved}; channel {last} is "
+            "the pan",
             file=sys.stderr,
         )
     frames = clip_frames(cfg, model)

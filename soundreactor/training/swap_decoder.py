@@ -9,6 +9,7 @@ VAE whose encoder is not MODEL's (another latent space, which would decode the m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -32,8 +33,15 @@ def swap_decoder(model_path: str | Path, vae_path: str | Path, out: str | Path) 
     config, tensors = load_checkpoint(model_path)
     vae_config, vae_tensors = load_checkpoint(vae_path)
     if vae_config.vae != config.vae:
+        differ = [
+            f"{f.name} {getattr(vae_config.vae, f.name)} vs {getattr(config.vae, f.name)}"
+            for f in dataclasses.fields(config.vae)
+            if getattr(vae_config.vae, f.name) != getattr(config.vae, f.name)
+        ]
         raise ValueError(
-            f"{vae_path}'s VAE config differs from {model_path}'s: its decoder cannot be swapped in"
+            f"{vae_path}'s VAE config differs from {model_path}'s ({'; '.join(differ)}): its decoder cannot be "
+            "swapped in; a model takes a VAE of another layout by pretraining on it (train --stage pretrain "
+            "--init MODEL --vae VAE)"
         )
     for key in (k for k in tensors if k.startswith(ENCODER)):
         ours, theirs = tensors[key].float(), vae_tensors[key].float()

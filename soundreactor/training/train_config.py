@@ -119,7 +119,10 @@ class TrainConfig:
         if self.vae_init not in ("keep", "calibrated"):
             raise ValueError(f"vae_init must be 'keep' or 'calibrated', got {self.vae_init!r}")
         if self.vae_stereo not in ("", "pan"):
-            raise ValueError(f"vae_stereo must be 'pan' or '' (keep the VAE's), got {self.vae_stereo!r}")
+            raise ValueError(
+                f"vae_stereo must be 'pan' (make a two-channel VAE parametric) or '' (keep the VAE's), got "
+                f"{self.vae_stereo!r}; a panned VAE is not turned back into two channels"
+            )
         if self.freeze_encoder and self.vae_init == "calibrated":
             raise ValueError(
                 "freeze_encoder keeps the encoder a trained model reads, vae_init 'calibrated' redraws it: "
