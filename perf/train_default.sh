@@ -7,7 +7,7 @@
 #   PUBLISH=1 bash perf/train_default.sh [RUN_DIR]  # then replace the package's default model and its report
 #
 # Step counts are the ones round 2 of the default model was trained with on one 2-core CPU (one thread per process) and can
-# be changed through the environment (VAE_STEPS, PRE_STEPS, ECT_STEPS); on a GPU every stage uses it (bf16
+# be changed through the environment (VAE_STEPS, PRE_STEPS, ECT_STEPS, DATASET_SIZE); on a GPU every stage uses it (bf16
 # autocast). Each stage's run directory keeps its log, loss plot and resumable state; the VAE's also keeps
 # eval.jsonl, its validation figures at every checkpoint, and best.safetensors, the checkpoint with the best
 # validation `quality` (stages.vae_quality), which the later stages take. perf/results/default_model_round2.md has the
@@ -16,6 +16,7 @@ set -euo pipefail
 RUN=${1:-runs/default}
 export VAE_STEPS=${VAE_STEPS:-2600}
 PRE_STEPS=${PRE_STEPS:-22000}
+export DATASET_SIZE=${DATASET_SIZE:-2000}  # synthetic training scenes, for pretraining and ECT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on a busy 2-core box two threads made steps 5x slower
 PY=${PYTHON:-python}  # the interpreter of the environment soundreactor is installed in
 HERE=$(dirname "$0")
@@ -28,6 +29,6 @@ bash "$HERE/train_vae_adv.sh" "$RUN/vae"
 #    (tests/test_training.py), in about half the time on 2 idle cores
 $PY -m torch.distributed.run --nproc-per-node "${NPROC:-2}" -m soundreactor train --stage pretrain \
   --init "$RUN/vae/best.safetensors" --out-dir "$RUN/pretrain" --grid-cache "$RUN/grids" --steps "$PRE_STEPS" \
-  --batch-size 8 --lr 1e-3 --ema-decay 0.995 --dataset-size 2000 --checkpoint-every 250
+  --batch-size 8 --lr 1e-3 --ema-decay 0.995 --dataset-size "$DATASET_SIZE" --checkpoint-every 250
 # 3. ECT, the guidance on validation scenes (4.5 for round 2), held-out evaluation, PUBLISH=1
 bash "$HERE/finish_default.sh" "$RUN"

@@ -6,8 +6,8 @@
 # with parametric stereo (VAEConfig.stereo "pan"): options after RUN_DIR go to the VAE's train-vae.
 #
 #   bash perf/train_default_stereo.sh START_VAE START_PRETRAINED [RUN_DIR [TRAIN_VAE_OPTION ...]]
-#   VAE_STEPS=2000 PRE_STEPS=16000 DATASET_SIZE=4000 bash perf/train_default_stereo.sh R3/vae.safetensors R3/pretrain/model.safetensors \
-#     runs/default_pan --vae-stereo pan    # round 4
+#   VAE_STEPS=2000 PRE_STEPS=15000 DATASET_SIZE=4000 bash perf/train_default_stereo.sh \
+#     R3/vae.safetensors R3/pretrain/model.safetensors runs/default_pan --vae-stereo pan    # round 4
 #   PUBLISH=1 bash perf/train_default_stereo.sh ...   # then replace the package's default model and its report
 #
 # START_VAE is the last round's VAE (train_default.sh's RUN/vae/best.safetensors), START_PRETRAINED its

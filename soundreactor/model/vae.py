@@ -150,12 +150,10 @@ class CausalNearestUpsampleConv1d(CausalConv1d):
 
 PAN_FLOOR = 1600 * 1e-8  # frame energy below which a frame counts as centred: 1600 samples at -80 dBFS RMS
 PAN_LOGIT_MAX = 3.8  # |logit| bound: tanh(3.8) = 0.999, a gain ratio of about 1:45 (-33 dB)
-PAN_RAMP = (
-    160  # samples over which the gains move from the previous frame's pan to this one's (3.3 ms at 48 kHz)
-)
-LOGVAR_DETERMINISTIC = (
-    -30.0
-)  # the bottleneck's lowest log-variance: the pan channel carries no posterior noise
+# samples over which the gains move from the previous frame's pan to this one's (3.3 ms at 48 kHz)
+PAN_RAMP = 160
+# the bottleneck's lowest log-variance: the pan channel carries no posterior noise
+LOGVAR_DETERMINISTIC = -30.0
 
 
 def pan_logits(audio: Tensor, hop: int) -> Tensor:
@@ -277,15 +275,15 @@ class OobleckEncoder(Stage):
 
     def __init__(self, cfg: VAEConfig):
         widths = _widths(cfg)
-        self.learned = cfg.latent_dim - (cfg.stereo == "pan")
+        panned = cfg.stereo == "pan"
+        learned = cfg.latent_dim - panned
         super().__init__(
             CausalConv1d(cfg.audio_channels, widths[0], 7),
             *(encoder_block(widths[i], widths[i + 1], s) for i, s in enumerate(cfg.strides)),
             SnakeBeta(widths[-1]),
-            CausalConv1d(widths[-1], 2 * self.learned, 3),
+            CausalConv1d(widths[-1], 2 * learned, 3),
         )
-        self.hop = cfg.hop
-        self.panned = cfg.stereo == "pan"
+        self.panned, self.learned, self.hop = panned, learned, cfg.hop
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.layers(x)

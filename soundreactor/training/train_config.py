@@ -87,8 +87,9 @@ class TrainConfig:
     )
     vae_stereo: str = option(
         "",
-        "VAE: 'pan' turns a two-channel decoder into a mono one panned per latent frame (VAEConfig.stereo; "
-        "vae.panned_copy: every other weight kept); '' keeps the starting VAE's",
+        "VAE: 'pan' makes a two-channel VAE parametric (VAEConfig.stereo): the least varying latent channel "
+        "gives way to each frame's pan, which the encoder computes and the decoder applies to one waveform "
+        "(vae.panned_copy); '' keeps the starting VAE's",
     )
     vae_init: str = option(
         "keep",
