@@ -17,6 +17,7 @@ from soundreactor.checkpoint import load_checkpoint
 from soundreactor.model.soundreactor import SoundReactor, init_model
 from soundreactor.model.vae import AudioVAE, vae_state_from_official
 from soundreactor.training import loop, stages
+from soundreactor.training.data import clip_grids
 from soundreactor.training.train_config import TrainConfig
 from soundreactor.training.vae import folded_state, with_weight_norm
 
@@ -62,6 +63,8 @@ VARIANTS = {
 }
 # parametric stereo (VAEConfig.stereo), made from the two-channel VAE by vae.panned_copy
 VARIANTS["vae-pan"] = {**ADVERSARIAL, "vae_stereo": "pan"}
+# pretraining with DINOv2 trained too: its grids computed from the frames inside the step
+VARIANTS["pretrain-dinov2"] = {"train_dinov2": True}
 
 
 @pytest.mark.parametrize("stage", ["vae", *VARIANTS, "pretrain", "ect"])
@@ -93,13 +96,13 @@ class Crash(RuntimeError):
     pass
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("options", [{}, {"train_dinov2": True}], ids=["", "train-dinov2"])
+def test_resume_equals_an_uninterrupted_run(tmp_path: Path, options: dict) -> None:
     steps = 5
-    whole = loop.train(
-        make_task("pretrain", steps=steps), TrainConfig("pretrain", steps=steps, **SMALL), tmp_path / "a"
-    )
+    cfg = TrainConfig("pretrain", steps=steps, **SMALL, **options)
+    whole = loop.train(make_task("pretrain", steps=steps, **options), cfg, tmp_path / "a")
 
-    task = make_task("pretrain", steps=steps)
+    task = make_task("pretrain", steps=steps, **options)
     batch = task.batch
 
     def crashing(step: int, part: slice):
@@ -109,10 +112,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
 
     task.batch = crashing
     with pytest.raises(Crash):
-        loop.train(task, TrainConfig("pretrain", steps=steps, **SMALL), tmp_path / "b")
-    resumed = loop.train(
-        make_task("pretrain", steps=steps), TrainConfig("pretrain", steps=steps, **SMALL), tmp_path / "b"
-    )
+        loop.train(task, cfg, tmp_path / "b")
+    resumed = loop.train(make_task("pretrain", steps=steps, **options), cfg, tmp_path / "b")
 
     # same process, same ops in the same order: bit-identical weights and logged losses
     _, expected = load_checkpoint(whole)
@@ -255,10 +256,33 @@ def test_grid_cache_gives_the_computed_grids(tmp_path: Path) -> None:
     assert len(files) == len(set(torch.randint(6, (2,), generator=loop.step_generator(0, 0)).tolist()))
     again = cached.batch(0, slice(0, 2))
     assert sorted(tmp_path.rglob("*.safetensors")) == files  # read back, nothing recomputed
-    torch.testing.assert_close(again["grids"], first["grids"], atol=0, rtol=0)
-    want = plain.batch(0, slice(0, 2))["grids"]
+    torch.testing.assert_close(again["vision"], first["vision"], atol=0, rtol=0)
+    want = plain.batch(0, slice(0, 2))["vision"]
     # stored as float16: relative rounding 2^-11 of LayerNorm outputs of magnitude ~1-10
-    torch.testing.assert_close(first["grids"], want, atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(first["vision"], want, atol=1e-2, rtol=1e-3)
+
+
+def test_train_dinov2_trains_the_grids_streaming_computes(tmp_path: Path) -> None:
+    start = tiny_model().vision.dinov2.state_dict()
+    cfg = TrainConfig("pretrain", steps=2, **SMALL, train_dinov2=True)
+    task = make_task("pretrain", steps=2, train_dinov2=True)
+    vision = task.batch(0, slice(0, 2))["vision"]
+    assert vision.dtype == torch.uint8 and vision.shape[-1] == 3  # frames: DINOv2 runs inside the step
+    model = tiny_model()
+    with torch.no_grad():
+        want = torch.stack([clip_grids(model, clip) for clip in vision])
+        # the same preprocessing and DINOv2 ops as streaming, in another batch grouping: float32 rounding
+        torch.testing.assert_close(task.module.grids(vision), want, atol=1e-4, rtol=1e-4)
+    trained = SoundReactor.load(loop.train(task, cfg, tmp_path))
+    moved = [k for k, v in trained.vision.dinov2.state_dict().items() if not torch.equal(v, start[k])]
+    # every DINOv2 tensor trained but two the forward does not reach: the masked-patch objective's token and the
+    # position embedding (read through its resize to the patch grid, a buffer)
+    assert sorted(set(start) - set(moved)) == ["mask_token", "pos_embed"]
+    frozen = SoundReactor.load(
+        loop.train(make_task("pretrain", steps=2), TrainConfig("pretrain", steps=2, **SMALL), tmp_path / "f")
+    )
+    for key, value in frozen.vision.dinov2.state_dict().items():
+        assert torch.equal(value, start[key]), key
 
 
 def test_cli_names_a_missing_start(tmp_path: Path, capsys) -> None:
@@ -336,6 +360,10 @@ def test_pretraining_takes_the_vae_from_vae_and_the_rest_from_init(tmp_path: Pat
         "stereo in pretraining": (
             ["--stage", "pretrain", "--init", str(model), "--vae-stereo", "pan"],
             "--vae-stereo converts a VAE in train-vae",
+        ),
+        "dinov2 in ECT": (
+            ["--stage", "ect", "--init", str(model), "--train-dinov2"],
+            "--train-dinov2 trains DINOv2 in pretraining",
         ),
     }
     for case, (args, message) in refusals.items():

@@ -103,6 +103,11 @@ def _run(args: argparse.Namespace, stage: str) -> None:
         raise ValueError(
             "--vae-stereo converts a VAE in train-vae; pretraining takes a converted one with --vae VAE"
         )
+    if cfg.train_dinov2 and stage != "pretrain":
+        raise ValueError(
+            "--train-dinov2 trains DINOv2 in pretraining (train --stage pretrain); ECT keeps the one its "
+            "checkpoint holds"
+        )
     if cfg.vae and not args.init:
         raise ValueError("--vae needs --init: the model whose transformer and head start the run")
     if cfg.freeze_encoder and not args.init:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from soundreactor.model.frames import FramePreprocess
 from soundreactor.model.head import sinusoidal_embedding
 from soundreactor.model.soundreactor import SoundReactor
 from soundreactor.model.transformer import interleave, vision_position
@@ -45,20 +46,32 @@ class Uncertainty(nn.Module):
 
 
 class Conditioner(nn.Module):
-    """The trained model minus the frozen DINOv2 and VAE: aggregator, transformer, head (shared, not copied)."""
+    """The trained model minus the frozen VAE: aggregator, transformer, head (shared, not copied), and DINOv2 when
+    it trains too (`frames_hw` given: the clips' frame size); else DINOv2 is frozen and its grids come cached."""
 
-    def __init__(self, model: SoundReactor) -> None:
+    def __init__(self, model: SoundReactor, frames_hw: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.tokenizer = model.vision.tokenizer
         self.transformer = model.transformer
         self.head = model.head
+        self.dinov2 = model.vision.dinov2 if frames_hw else None
+        self.preprocess = FramePreprocess(frames_hw, model.config.vision_hw) if frames_hw else None
 
-    def condition(self, latents: Tensor, grids: Tensor, drop: Tensor) -> Tensor:
+    def grids(self, vision: Tensor) -> Tensor:
+        """DINOv2 grids [B, N, h, w, C']: `vision` itself when DINOv2 is frozen, else computed from it, the
+        clips' uint8 frames [B, N, H, W, 3]."""
+        if self.dinov2 is None:
+            return vision
+        frames = self.preprocess(vision.flatten(0, 1))
+        return self.dinov2(frames).unflatten(0, vision.shape[:2])
+
+    def condition(self, latents: Tensor, vision: Tensor, drop: Tensor) -> Tensor:
         """z [B, N, 2 d] for every frame of a clip, teacher-forced.
 
-        latents: raw VAE latents [B, N, C] (the transformer reads x_(i-1) as the stream does); grids: DINOv2 grids
-        [B, N, h, w, C']; drop: bool [B], clips whose h_v comes from the guidance null query.
+        latents: raw VAE latents [B, N, C] (the transformer reads x_(i-1) as the stream does); vision: what
+        `grids` takes; drop: bool [B], clips whose h_v comes from the guidance null query.
         """
+        grids = self.grids(vision)
         batch, frames = latents.shape[:2]
         prev_grids = torch.cat((torch.zeros_like(grids[:, :1]), grids[:, :-1]), dim=1)
         has_prev = (torch.arange(frames, device=grids.device) > 0).expand(batch, -1)
@@ -77,16 +90,16 @@ class Conditioner(nn.Module):
 
 
 class DiffusionTrainee(Conditioner):
-    """forward(latents [B, N, C], grids [B, N, h, w, C'], drop bool [B], t [B, N], eps [B, N, C])."""
+    """forward(latents [B, N, C], vision (Conditioner.grids), drop bool [B], t [B, N], eps [B, N, C])."""
 
-    def __init__(self, model: SoundReactor) -> None:
-        super().__init__(model)
+    def __init__(self, model: SoundReactor, frames_hw: tuple[int, int] | None = None) -> None:
+        super().__init__(model, frames_hw)
         self.uncertainty = Uncertainty(model.config.head.freq_dim)
 
     def forward(
-        self, latents: Tensor, grids: Tensor, drop: Tensor, t: Tensor, eps: Tensor
+        self, latents: Tensor, vision: Tensor, drop: Tensor, t: Tensor, eps: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        z = self.condition(latents, grids, drop)
+        z = self.condition(latents, vision, drop)
         x0 = self.to_head_space(latents)
         denoised = self.head.denoise((x0 + t[..., None] * eps).flatten(0, 1), t.flatten(), z.flatten(0, 1))
         error = (denoised.float().view_as(x0) - x0).square().mean(-1)  # [B, N]

@@ -33,16 +33,16 @@ def huber_c(cfg: TrainConfig, latent_dim: int) -> float:
 
 
 class ECTTrainee(Conditioner):
-    """forward(latents [B, N, C], grids [B, N, h, w, C'], drop bool [B], t, r [B, N], eps [B, N, C])."""
+    """forward(latents [B, N, C], vision (grids [B, N, h, w, C']), drop bool [B], t, r [B, N], eps [B, N, C])."""
 
     def __init__(self, model: SoundReactor, cfg: TrainConfig) -> None:
         super().__init__(model)
         self.c = huber_c(cfg, model.config.vae.latent_dim)
 
     def forward(
-        self, latents: Tensor, grids: Tensor, drop: Tensor, t: Tensor, r: Tensor, eps: Tensor
+        self, latents: Tensor, vision: Tensor, drop: Tensor, t: Tensor, r: Tensor, eps: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        z = self.condition(latents, grids, drop).flatten(0, 1)
+        z = self.condition(latents, vision, drop).flatten(0, 1)
         x0 = self.to_head_space(latents).flatten(0, 1)
         t, r, eps = t.flatten(), r.flatten(), eps.flatten(0, 1)
         d_t = self.head.denoise(x0 + t[:, None] * eps, t, z).float()

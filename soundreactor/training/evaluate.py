@@ -105,13 +105,13 @@ def detect_onsets(audio):
     return np.array(onsets)
 
 
-def match_onsets(reference, estimated, tolerance: float = TOLERANCE_S) -> int:
-    """Number of one-to-one pairs (reference, estimate) within `tolerance` seconds, closest pairs first."""
+def onset_pairs(reference, estimated, tolerance: float = TOLERANCE_S) -> list[tuple[int, int]]:
+    """One-to-one (reference index, estimate index) pairs within `tolerance` seconds, closest pairs first."""
     import numpy as np
 
     reference, estimated = np.asarray(reference), np.asarray(estimated)
     distance = np.abs(reference[:, None] - estimated[None, :])
-    used_r, used_e, matches = set(), set(), 0
+    used_r, used_e, pairs = set(), set(), []
     for flat in np.argsort(distance, axis=None, kind="stable"):
         r, e = divmod(int(flat), len(estimated))
         if distance[r, e] > tolerance:
@@ -119,8 +119,13 @@ def match_onsets(reference, estimated, tolerance: float = TOLERANCE_S) -> int:
         if r not in used_r and e not in used_e:
             used_r.add(r)
             used_e.add(e)
-            matches += 1
-    return matches
+            pairs.append((r, e))
+    return pairs
+
+
+def match_onsets(reference, estimated, tolerance: float = TOLERANCE_S) -> int:
+    """Number of one-to-one pairs (reference, estimate) within `tolerance` seconds, closest pairs first."""
+    return len(onset_pairs(reference, estimated, tolerance))
 
 
 def _mel_filters(n_fft: int, n_mels: int, low_hz: float, high_hz: float):

@@ -74,19 +74,22 @@ def _save(model: SoundReactor, config: ModelConfig, path: Path, extra: dict[str,
 
 
 class Features:
-    """Frozen features of clip i: VAE latent means [N, C] (kept in memory) and DINOv2 grids [N, h, w, C'] (kept
-    in memory too when the whole set's fit in GRID_MEMORY_BYTES, else on disk by a `data.GridCache` when
-    `grid_cache` names a folder, else recomputed). Once both are held, the clip is not made again: making a
-    64-frame synthetic clip cost about as much as the small preset's training step."""
+    """What a training step reads of clip i: its VAE latent means [N, C] (kept in memory) and its vision input:
+    DINOv2 grids [N, h, w, C'] (kept in memory too when the whole set's fit in GRID_MEMORY_BYTES, else on disk by a
+    `data.GridCache` when `grid_cache` names a folder, else recomputed), or, when DINOv2 trains (`frames`), the
+    uint8 frames [N, H, W, 3] (kept in memory). Once both are held, the clip is not made again: making a 64-frame
+    synthetic clip cost about as much as the small preset's training step."""
 
-    def __init__(self, model: SoundReactor, clips, grid_cache: str | Path | None = None) -> None:
-        self.model, self.clips = model, clips
-        self.cache = GridCache(grid_cache, model) if grid_cache else None
+    def __init__(
+        self, model: SoundReactor, clips, grid_cache: str | Path | None = None, frames: bool = False
+    ) -> None:
+        self.model, self.clips, self.frames = model, clips, frames
+        self.cache = GridCache(grid_cache, model) if grid_cache and not frames else None
         self.latents: dict[int, Tensor] = {}
         self.grids: dict[int, Tensor] | None = None
         cfg = model.config
         gh, gw = cfg.grid_hw
-        if len(clips) * clips.n_frames * gh * gw * cfg.dinov2.dim * 4 <= GRID_MEMORY_BYTES:
+        if frames or len(clips) * clips.n_frames * gh * gw * cfg.dinov2.dim * 4 <= GRID_MEMORY_BYTES:
             self.grids = {}
 
     @torch.no_grad()
@@ -100,7 +103,9 @@ class Features:
     def grid(self, i: int, clip) -> Tensor:
         if self.grids is not None and i in self.grids:
             return self.grids[i]
-        if self.cache is not None:
+        if self.frames:
+            grids = torch.from_numpy(clip.frames)
+        elif self.cache is not None:
             grids = self.cache.grids(clip_id(self.clips, i), clip.frames)
         else:
             grids = clip_grids(self.model, clip.frames)
@@ -225,11 +230,19 @@ def ar_task(
     frames = clip_frames(cfg, model)
     clips = dataset(cfg, model, frames)
     model = model.to(device)
-    freeze(model.vision.dinov2, model.vae)
-    features = Features(model, clips, grid_cache)
+    freeze(model.vae)
+    if not cfg.train_dinov2:
+        freeze(model.vision.dinov2)
+    else:  # not reached by the forward: the masked-patch objective's token, and pos_embed (read resized, a buffer)
+        model.vision.dinov2.mask_token.requires_grad_(False)
+        model.vision.dinov2.pos_embed.requires_grad_(False)
+    if cfg.train_dinov2 and grid_cache:
+        print("--train-dinov2: grids are computed at every step; --grid-cache is not used", file=sys.stderr)
+    features = Features(model, clips, grid_cache, frames=cfg.train_dinov2)
     if cfg.stage == "pretrain":
         _set_latent_scale(model, cfg, features)
-        trainee: nn.Module = diffusion.DiffusionTrainee(model)
+        frames_hw = tuple(clips[0].frames.shape[1:3]) if cfg.train_dinov2 else None
+        trainee: nn.Module = diffusion.DiffusionTrainee(model, frames_hw)
         sampler = {"kind": "heun"}
     else:
         trainee = ect.ECTTrainee(model, cfg)
@@ -243,11 +256,13 @@ def ar_task(
             draws = diffusion.draw_pretrain(cfg, gen, cfg.batch_size, frames, latent_dim)
         else:
             draws = ect.draw_ect(cfg, gen, step, cfg.batch_size, frames, latent_dim)
-        latents, grids = features(indices[part])
-        return {"latents": latents, "grids": grids, **{k: v[part] for k, v in draws.items()}}
+        latents, vision = features(indices[part])
+        return {"latents": latents, "vision": vision, **{k: v[part] for k, v in draws.items()}}
 
     def export(module: nn.Module, path: Path, extra: dict[str, str]) -> None:
         out = copy.deepcopy(model).cpu()
+        if module.dinov2 is not None:
+            out.vision.dinov2.load_state_dict(module.dinov2.state_dict())
         out.vision.tokenizer.load_state_dict(module.tokenizer.state_dict())
         out.transformer.load_state_dict(module.transformer.state_dict())
         out.head.load_state_dict(module.head.state_dict())

@@ -100,6 +100,11 @@ class TrainConfig:
     p_std: float = option(1.0, "pretrain: standard deviation of ln t")
     p_uncond: float = option(0.1, "probability that a clip trains the guidance null query instead of v_i")
     latent_scale: float = option(0.0, "pretrain: latent scale; 0 = measure std / sigma_data on the data")
+    train_dinov2: bool = option(
+        False,
+        "pretrain: DINOv2 trains with the rest (its grids are computed from the frames at every step, not "
+        "cached); the small preset's random DINOv2 cannot tell an impact's frame from the frame before it",
+    )
     # ECT (Algorithm 2)
     ect_p_mean: float = option(-1.1, "ECT: mean of ln t")
     ect_p_std: float = option(2.0, "ECT: standard deviation of ln t")
