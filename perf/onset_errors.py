@@ -6,7 +6,7 @@ Streams each checkpoint (at its own guidance, or the one given in the same posit
 (`evaluate.VALIDATION_SEED`, 16 x 150 frames by default, NFE 4), detects onsets as `evaluate` does, pairs them with
 the true impacts as `evaluate.onset_pairs` does (one to one within +-1 frame), and sorts every unpaired detection
 by the true onset nearest to it (offsets in video frames, detection minus truth):
-- start: in the first 5 ms (the detector pads the signal's start with digital silence);
+- start: in the first 10 ms, two of the detector's hops (it pads the signal's start with digital silence);
 - doubled: within 1.5 frames of a true onset another detection is paired with (a second attack for one impact);
 - mistimed: within 4 frames of a true onset nothing is paired with (the impact placed 1-4 frames off: it
   counts as one false and one missed onset);
@@ -32,7 +32,7 @@ from soundreactor.training import evaluate
 
 FRAME_S = 1 / evaluate.FPS
 CLASSES = ("start", "doubled", "mistimed", "near", "isolated")
-START_S = 0.005  # the detector's first hop
+START_S = 0.01  # the detector's first two hops
 DOUBLED_FRAMES, NEAR_FRAMES = 1.5, 4.0
 
 

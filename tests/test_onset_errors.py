@@ -25,7 +25,7 @@ def test_each_unpaired_detection_gets_its_class(monkeypatch) -> None:
     reference = np.array([1.0, 2.0, 3.0, 5.0])
     detected = np.array(
         [
-            0.002,  # start: the detector's first hop
+            0.007,  # start: the detector's second hop
             1.0 - 0.9 * F,  # doubled: 1.0 is paired with the next one, closer
             1.0 + 0.1 * F,  # paired
             2.0 + 1.2 * F,  # mistimed: beyond +-1 frame of 2.0, which nothing pairs with
