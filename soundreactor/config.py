@@ -427,9 +427,9 @@ def small() -> ModelConfig:
     on one 2-core CPU (perf/train_default.sh) and to stream in real time on one idle CPU core (eager torch: 22-25 ms
     a frame at the demo's 224x448; ONNX Runtime about 3x faster, perf/results/onnxruntime_cpu_1core.md).
 
-    DINOv2 is tiny and starts random; it stays frozen unless pretraining trains it (`--train-dinov2`: the random
-    one keeps the synthetic scenes' shapes and colours but hardly when a contact starts, and the shipped default
-    model trains it); VAE channels 8 (2.4 MB) with 16 latent dims, a smaller target for the head.
+    DINOv2 is tiny and starts random; it stays frozen unless pretraining trains it (`--train-dinov2`: the random one
+    keeps the synthetic scenes' shapes and colours but hardly when a contact starts, perf/results/default_model_r5.md);
+    VAE channels 8 (2.4 MB) with 16 latent dims, a smaller target for the head.
     """
     return ModelConfig(
         preset="small",

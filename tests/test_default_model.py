@@ -96,8 +96,7 @@ def test_the_demo_is_heard_where_it_is_seen(tmp_path, capsys):
     random_model = init_model("small", seed=seed, input_hw=DEMO_HW)[0]
     scene = make_clip(seed, round(seconds * evaluate.FPS), hw=DEMO_HW)
     floor = evaluate.score([evaluate.stream_audio(random_model, scene.frames, seed)], [scene])["onset_f1"]
-    # measured (round 5): 0.81 (precision 0.79, recall 0.85: 11 of 13 impacts) against 0.14 (1 of 13); see
-    # default_model.md.
+    # measured: 0.86 (precision 0.80, recall 0.92: 12 of 13 impacts) against 0.14 (1 of 13); see default_model.md.
     # Issue 20's bar: +0.3 (two detections flipping on another CPU move F1 by about 0.15)
     assert trained >= floor + 0.3, (trained, floor)
 
