@@ -1,9 +1,10 @@
 """The three stages as `loop.Task`s: what each trains, the batch of a step, and the checkpoint it exports.
 
 Every stage reads a SoundReactor checkpoint and writes one: `train-vae` replaces its VAE; `pretrain` trains the
-aggregator, transformer and head on the frozen DINOv2 grids and frozen VAE latents and stores the measured
-`latent_scale` and a Heun sampler; `ect` tunes those from a pretrained checkpoint and stores the consistency
-step times. DINOv2 and the VAE stay frozen in both AR stages.
+aggregator, transformer and head on the frozen DINOv2 grids (or on the frames, with DINOv2 trained too:
+`train_dinov2`) and frozen VAE latents and stores the measured `latent_scale` and a Heun sampler; `ect` tunes those
+from a pretrained checkpoint and stores the consistency step times. The VAE stays frozen in both AR stages, DINOv2
+in ECT.
 """
 
 from __future__ import annotations
@@ -86,11 +87,11 @@ class Features:
         self.model, self.clips, self.frames = model, clips, frames
         self.cache = GridCache(grid_cache, model) if grid_cache and not frames else None
         self.latents: dict[int, Tensor] = {}
-        self.grids: dict[int, Tensor] | None = None
+        self.held: dict[int, Tensor] | None = None  # vision inputs kept in memory
         cfg = model.config
         gh, gw = cfg.grid_hw
         if frames or len(clips) * clips.n_frames * gh * gw * cfg.dinov2.dim * 4 <= GRID_MEMORY_BYTES:
-            self.grids = {}
+            self.held = {}
 
     @torch.no_grad()
     def latent(self, i: int, clip=None) -> Tensor:
@@ -100,28 +101,28 @@ class Features:
         return self.latents[i]
 
     @torch.no_grad()
-    def grid(self, i: int, clip) -> Tensor:
-        if self.grids is not None and i in self.grids:
-            return self.grids[i]
+    def vision(self, i: int, clip) -> Tensor:
+        if self.held is not None and i in self.held:
+            return self.held[i]
         if self.frames:
-            grids = torch.from_numpy(clip.frames)
+            vision = torch.from_numpy(clip.frames)
         elif self.cache is not None:
-            grids = self.cache.grids(clip_id(self.clips, i), clip.frames)
+            vision = self.cache.grids(clip_id(self.clips, i), clip.frames)
         else:
-            grids = clip_grids(self.model, clip.frames)
-        if self.grids is not None:
-            self.grids[i] = grids
-        return grids
+            vision = clip_grids(self.model, clip.frames)
+        if self.held is not None:
+            self.held[i] = vision
+        return vision
 
     @torch.no_grad()
     def __call__(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        latents, grids = [], []
+        latents, visions = [], []
         for i in indices.tolist():
-            held = i in self.latents and self.grids is not None and i in self.grids
+            held = i in self.latents and self.held is not None and i in self.held
             clip = None if held else self.clips[i]
-            grids.append(self.grid(i, clip))
+            visions.append(self.vision(i, clip))
             latents.append(self.latent(i, clip))
-        return torch.stack(latents), torch.stack(grids)
+        return torch.stack(latents), torch.stack(visions)
 
 
 def freeze(*modules: nn.Module) -> None:
